@@ -1,0 +1,43 @@
+// Argument validation shared by the CPU and CUDA implementations of every llama4 op.
+// Each check names the op, the argument and the expectation, and runs before any launch.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+
+namespace llama4 {
+
+// Problem sizes of a routing call, after validation.
+struct RouteSizes {
+  int64_t tokens;   // T
+  int64_t experts;  // E
+  int64_t top_k;    // K
+};
+
+// Problem sizes of a permute / unpermute call, after validation.
+struct RowsSizes {
+  int64_t tokens;  // T
+  int64_t top_k;   // K
+  int64_t width;   // D
+};
+
+enum class ScoreFuncId : int { kSigmoid = 0, kSoftmax = 1 };
+
+ScoreFuncId parse_score_func(const std::string& score_func);
+
+// router_logits [T, E] float32/float16/bfloat16, unit stride along E; expert_bias [E] float32 on
+// the same device; 1 <= top_k <= E; T * top_k <= INT32_MAX. `max_experts` < 0 means no limit.
+RouteSizes check_route_args(const at::Tensor& router_logits, int64_t top_k,
+                            const std::optional<at::Tensor>& expert_bias, int64_t max_experts);
+
+// rows [R, D] float32/float16/bfloat16 with unit stride along D; sorted_slots [T*K] int32;
+// slot_positions [T, K] int32; topk_weights [T, K] float32; all on rows' device.
+// `rows_are_slots` is false for permute (R must be T) and true for unpermute (R must be T*K).
+RowsSizes check_rows_args(const char* op, const char* rows_name, const at::Tensor& rows,
+                          const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
+                          const std::optional<at::Tensor>& topk_weights, bool rows_are_slots);
+
+}  // namespace llama4

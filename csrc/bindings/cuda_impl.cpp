@@ -1,0 +1,124 @@
+// CUDA implementations of the llama4 ops: validate (bindings/checks.h), allocate outputs with the
+// caching allocator, and call the plain launchers of csrc/kernels on the current stream.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "bindings/checks.h"
+#include "kernels/moe_permute.h"
+#include "kernels/route_topk.h"
+
+namespace llama4 {
+namespace {
+
+kernels::DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kernels::DType::kFloat32;
+    case at::kHalf: return kernels::DType::kFloat16;
+    case at::kBFloat16: return kernels::DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "llama4: unsupported dtype ", t);
+  }
+}
+
+void check_launch(kernels::Status status, const char* op) {
+  if (status == kernels::Status::kCudaError) {
+    C10_CUDA_CHECK(cudaGetLastError());
+  }
+  TORCH_CHECK(status == kernels::Status::kOk, op, ": kernel launch refused its arguments (",
+              kernels::status_string(status), ")");
+}
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
+    const at::Tensor& router_logits, int64_t top_k, c10::string_view score_func,
+    const std::optional<at::Tensor>& expert_bias, bool renormalize) {
+  const ScoreFuncId func = parse_score_func(std::string(score_func));
+  const RouteSizes sz = check_route_args(router_logits, top_k, expert_bias, kernels::kRouteMaxExperts);
+  const c10::cuda::CUDAGuard guard(router_logits.device());
+  const int64_t T = sz.tokens, E = sz.experts, K = sz.top_k;
+  const auto i32 = router_logits.options().dtype(at::kInt);
+  at::Tensor weights = at::empty({T, K}, router_logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({T, K}, i32);
+  at::Tensor counts = at::empty({E}, i32);
+  at::Tensor offsets = at::empty({E + 1}, i32);
+  at::Tensor sorted_slots = at::empty({T * K}, i32);
+  at::Tensor positions = at::empty({T, K}, i32);
+  const size_t ws_bytes = kernels::route_topk_workspace_bytes(T, static_cast<int32_t>(E), static_cast<int32_t>(K));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, router_logits.options().dtype(at::kByte));
+
+  kernels::RouteTopkParams p{};
+  p.logits = router_logits.data_ptr();
+  p.logits_dtype = to_kernel_dtype(router_logits.scalar_type());
+  p.logits_row_stride = router_logits.stride(0);
+  p.expert_bias = expert_bias.has_value() ? expert_bias->data_ptr<float>() : nullptr;
+  p.num_tokens = T;
+  p.num_experts = static_cast<int32_t>(E);
+  p.top_k = static_cast<int32_t>(K);
+  p.score_func = func == ScoreFuncId::kSigmoid ? kernels::ScoreFunc::kSigmoid : kernels::ScoreFunc::kSoftmax;
+  p.renormalize = renormalize;
+  p.topk_weights = weights.data_ptr<float>();
+  p.topk_ids = ids.data_ptr<int32_t>();
+  p.tokens_per_expert = counts.data_ptr<int32_t>();
+  p.expert_offsets = offsets.data_ptr<int32_t>();
+  p.sorted_slots = sorted_slots.data_ptr<int32_t>();
+  p.slot_positions = positions.data_ptr<int32_t>();
+  p.workspace = ws_bytes ? workspace.data_ptr() : nullptr;
+  check_launch(kernels::route_topk(p, c10::cuda::getCurrentCUDAStream()), "moe_route");
+  return {weights, ids, counts, offsets, sorted_slots, positions};
+}
+
+at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
+                            const std::optional<at::Tensor>& topk_weights) {
+  const RowsSizes sz =
+      check_rows_args("moe_permute", "x", x, sorted_slots, slot_positions, topk_weights, /*rows_are_slots=*/false);
+  check_cuda(x, "moe_permute", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({sz.tokens * sz.top_k, sz.width}, x.options());
+  kernels::MoePermuteParams p{};
+  p.x = x.data_ptr();
+  p.x_row_stride = x.stride(0);
+  p.dtype = to_kernel_dtype(x.scalar_type());
+  p.sorted_slots = sorted_slots.data_ptr<int32_t>();
+  p.slot_weights = topk_weights.has_value() ? topk_weights->data_ptr<float>() : nullptr;
+  p.num_tokens = sz.tokens;
+  p.top_k = static_cast<int32_t>(sz.top_k);
+  p.width = sz.width;
+  p.out = out.data_ptr();
+  check_launch(kernels::moe_permute(p, c10::cuda::getCurrentCUDAStream()), "moe_permute");
+  return out;
+}
+
+at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
+                              const std::optional<at::Tensor>& topk_weights) {
+  const RowsSizes sz =
+      check_rows_args("moe_unpermute", "y", y, sorted_slots, slot_positions, topk_weights, /*rows_are_slots=*/true);
+  check_cuda(y, "moe_unpermute", "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = at::empty({sz.tokens, sz.width}, y.options());
+  kernels::MoeUnpermuteParams p{};
+  p.y = y.data_ptr();
+  p.y_row_stride = y.stride(0);
+  p.dtype = to_kernel_dtype(y.scalar_type());
+  p.slot_positions = slot_positions.data_ptr<int32_t>();
+  p.slot_weights = topk_weights.has_value() ? topk_weights->data_ptr<float>() : nullptr;
+  p.num_tokens = sz.tokens;
+  p.top_k = static_cast<int32_t>(sz.top_k);
+  p.width = sz.width;
+  p.out = out.data_ptr();
+  check_launch(kernels::moe_unpermute(p, c10::cuda::getCurrentCUDAStream()), "moe_unpermute");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llama4, CUDA, m) {
+  m.impl("moe_route", &moe_route_cuda);
+  m.impl("moe_permute", &moe_permute_cuda);
+  m.impl("moe_unpermute", &moe_unpermute_cuda);
+}
+
+}  // namespace llama4

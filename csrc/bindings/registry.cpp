@@ -1,0 +1,53 @@
+// The one registry of llama4 ops: every schema lives here (TORCH_LIBRARY), with the CPU kernels.
+// CUDA kernels register in cuda_impl.cpp; fake kernels and autograd in engine/ops/_library.py.
+#include <torch/library.h>
+
+#include "bindings/checks.h"
+#include "cpu/cpu_ops.h"
+
+namespace llama4 {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
+    const at::Tensor& router_logits, int64_t top_k, c10::string_view score_func,
+    const std::optional<at::Tensor>& expert_bias, bool renormalize) {
+  const ScoreFuncId func = parse_score_func(std::string(score_func));
+  const RouteSizes sizes = check_route_args(router_logits, top_k, expert_bias, /*max_experts=*/-1);
+  return cpu::moe_route(router_logits, sizes, func, expert_bias, renormalize);
+}
+
+at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
+                           const std::optional<at::Tensor>& topk_weights) {
+  const RowsSizes sizes =
+      check_rows_args("moe_permute", "x", x, sorted_slots, slot_positions, topk_weights, /*rows_are_slots=*/false);
+  return cpu::moe_permute(x, sorted_slots, topk_weights, sizes);
+}
+
+at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
+                             const std::optional<at::Tensor>& topk_weights) {
+  const RowsSizes sizes =
+      check_rows_args("moe_unpermute", "y", y, sorted_slots, slot_positions, topk_weights, /*rows_are_slots=*/true);
+  return cpu::moe_unpermute(y, slot_positions, topk_weights, sizes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llama4, m) {
+  // Fused MoE router. Returns (topk_weights f32 [T,K], topk_ids i32 [T,K], tokens_per_expert i32 [E],
+  // expert_offsets i32 [E+1], sorted_slots i32 [T*K], slot_positions i32 [T,K]).
+  m.def(
+      "moe_route(Tensor router_logits, int top_k, str score_func=\"sigmoid\", Tensor? expert_bias=None, "
+      "bool renormalize=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Dispatch: out [T*K, D] = x[sorted_slots // K] (* topk_weights). slot_positions gives K (and the backward).
+  m.def("moe_permute(Tensor x, Tensor sorted_slots, Tensor slot_positions, Tensor? topk_weights=None) -> Tensor");
+  // Combine: out [T, D] = sum_k (topk_weights[t,k] *) y[slot_positions[t,k]], in k order.
+  m.def("moe_unpermute(Tensor y, Tensor sorted_slots, Tensor slot_positions, Tensor? topk_weights=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llama4, CPU, m) {
+  m.impl("moe_route", &moe_route_cpu);
+  m.impl("moe_permute", &moe_permute_cpu);
+  m.impl("moe_unpermute", &moe_unpermute_cpu);
+}
+
+}  // namespace llama4

@@ -1,0 +1,28 @@
+// CPU implementations of the llama4 ops (real C++, at::parallel_for), registered for the CPU
+// dispatch key in bindings/registry.cpp. Arguments are validated by the caller.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "bindings/checks.h"
+
+namespace llama4::cpu {
+
+// Returns (topk_weights [T,K] f32, topk_ids [T,K] i32, tokens_per_expert [E] i32,
+//          expert_offsets [E+1] i32, sorted_slots [T*K] i32, slot_positions [T,K] i32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(
+    const at::Tensor& router_logits, const RouteSizes& sizes, ScoreFuncId score_func,
+    const std::optional<at::Tensor>& expert_bias, bool renormalize);
+
+// out [T*K, D] = x[sorted_slots / K] (* topk_weights.flatten()[sorted_slots]).
+at::Tensor moe_permute(const at::Tensor& x, const at::Tensor& sorted_slots,
+                       const std::optional<at::Tensor>& topk_weights, const RowsSizes& sizes);
+
+// out [T, D] = sum_k (topk_weights[t, k] *) y[slot_positions[t, k]], float32 accumulation.
+at::Tensor moe_unpermute(const at::Tensor& y, const at::Tensor& slot_positions,
+                         const std::optional<at::Tensor>& topk_weights, const RowsSizes& sizes);
+
+}  // namespace llama4::cpu

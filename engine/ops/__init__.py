@@ -1,0 +1,11 @@
+"""The public ops of the engine. Each is a real torch op (`torch.ops.llama4.<name>`) with a C++
+schema, CPU and CUDA kernels, a fake kernel for torch.compile and an autograd formula.
+`engine.ops.reference` holds the pure-torch oracle of each.
+"""
+
+from engine.ops import reference
+from engine.ops._library import build_info
+from engine.ops.reference import RouteResult
+from engine.ops.routing import moe_permute, moe_route, moe_unpermute
+
+__all__ = ["RouteResult", "build_info", "moe_permute", "moe_route", "moe_unpermute", "reference"]

@@ -1,0 +1,195 @@
+"""Loads the compiled registry (`engine._C`, which defines every `torch.ops.llama4` schema and
+its CPU/CUDA kernels) and adds what Python does best: fake (meta) kernels for torch.compile,
+autograd formulas, and a logged fallback to the reference when a device has no kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from engine.ops import reference
+
+log = logging.getLogger("engine.ops")
+
+try:
+    from engine import _C  # noqa: F401  (importing registers torch.ops.llama4.*)
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "engine._C is not built: run `pip install -e .` (or `make test`) to compile the "
+        f"llama4 kernels ({exc})"
+    ) from exc
+
+ops = torch.ops.llama4
+INT32_MAX = 2**31 - 1
+
+
+def build_info() -> dict:
+    """Which kernels were compiled, for which arch, against which torch / CUDA / CUTLASS."""
+    return dict(_C.build_info())
+
+
+# --------------------------------------------------------------------------------------------
+# Fallback: when this build has no CUDA kernels (torch without CUDA, or no nvcc at build time),
+# CUDA tensors run the reference on their device, and we say so once.
+# --------------------------------------------------------------------------------------------
+_warned: set[str] = set()
+
+
+def _log_fallback_once(op: str) -> None:
+    if op not in _warned:
+        _warned.add(op)
+        log.warning(
+            "llama4::%s has no CUDA kernel in this build (%s); running the pure-torch reference",
+            op,
+            "built without CUDA",
+        )
+
+
+def _register_cuda_fallbacks() -> None:
+    def route(logits, top_k, score_func, expert_bias, renormalize):
+        _log_fallback_once("moe_route")
+        return tuple(
+            reference.moe_route(
+                logits, top_k, score_func=score_func, expert_bias_E=expert_bias, renormalize=renormalize
+            )
+        )
+
+    def permute(x, sorted_slots, slot_positions, topk_weights):
+        _log_fallback_once("moe_permute")
+        return reference.moe_permute(x, _slots_only(sorted_slots, slot_positions), topk_weights)
+
+    def unpermute(y, sorted_slots, slot_positions, topk_weights):
+        _log_fallback_once("moe_unpermute")
+        return reference.moe_unpermute(y, _slots_only(sorted_slots, slot_positions), topk_weights)
+
+    torch.library.impl("llama4::moe_route", "CUDA")(route)
+    torch.library.impl("llama4::moe_permute", "CUDA")(permute)
+    torch.library.impl("llama4::moe_unpermute", "CUDA")(unpermute)
+
+
+def _slots_only(sorted_slots: torch.Tensor, slot_positions: torch.Tensor) -> reference.RouteResult:
+    empty = sorted_slots.new_empty(0)
+    return reference.RouteResult(empty, empty, empty, empty, sorted_slots, slot_positions)
+
+
+if not build_info()["cuda"] and torch.cuda.is_available():  # pragma: no cover
+    _register_cuda_fallbacks()
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels: shapes only (the C++ kernels validate values and raise the detailed errors).
+# --------------------------------------------------------------------------------------------
+def _check(cond: bool, msg: Callable[[], str]) -> None:
+    torch._check(cond, msg)
+
+
+@torch.library.register_fake("llama4::moe_route")
+def _moe_route_fake(logits, top_k, score_func, expert_bias, renormalize):
+    _check(logits.dim() == 2, lambda: f"moe_route: router_logits must be 2-D [T, E], got {logits.dim()}-D")
+    T, E = logits.shape
+    _check(1 <= top_k <= E, lambda: f"moe_route: top_k must be in [1, E={E}], got {top_k}")
+    weights = logits.new_empty((T, top_k), dtype=torch.float32)
+    ids = logits.new_empty((T, top_k), dtype=torch.int32)
+    counts = logits.new_empty((E,), dtype=torch.int32)
+    offsets = logits.new_empty((E + 1,), dtype=torch.int32)
+    sorted_slots = logits.new_empty((T * top_k,), dtype=torch.int32)
+    positions = logits.new_empty((T, top_k), dtype=torch.int32)
+    return weights, ids, counts, offsets, sorted_slots, positions
+
+
+@torch.library.register_fake("llama4::moe_permute")
+def _moe_permute_fake(x, sorted_slots, slot_positions, topk_weights):
+    _check(x.dim() == 2, lambda: f"moe_permute: x must be 2-D [T, D], got {x.dim()}-D")
+    return x.new_empty((sorted_slots.shape[0], x.shape[1]))
+
+
+@torch.library.register_fake("llama4::moe_unpermute")
+def _moe_unpermute_fake(y, sorted_slots, slot_positions, topk_weights):
+    _check(y.dim() == 2, lambda: f"moe_unpermute: y must be 2-D [T*K, D], got {y.dim()}-D")
+    return y.new_empty((slot_positions.shape[0], y.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd. Only the routing weights are differentiable (ids, counts and orders are integers).
+# --------------------------------------------------------------------------------------------
+def _route_setup(ctx, inputs, output):
+    logits, top_k, score_func, expert_bias, renormalize = inputs
+    ctx.score_func = score_func
+    ctx.renormalize = renormalize
+    ctx.logits_dtype = logits.dtype
+    ctx.save_for_backward(logits, output[0], output[1])
+
+
+def _route_backward(ctx, g_weights, *unused):
+    logits, weights_TK, ids_TK = ctx.saved_tensors
+    return (
+        route_weights_backward(g_weights, logits, weights_TK, ids_TK, ctx.score_func, ctx.renormalize).to(
+            ctx.logits_dtype
+        ),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def route_weights_backward(g_TK, logits_TE, weights_TK, ids_TK, score_func: str, renormalize: bool):
+    """d loss / d logits [T, E] float32 from d loss / d topk_weights [T, K] (maths in float32)."""
+    g_TK = g_TK.float()
+    ids_TK = ids_TK.long()
+    if renormalize:
+        # w = u / sum(u): du = (g - sum(g * w)) / sum(u); recover u from the unnormalised score.
+        if score_func == "sigmoid":
+            u_TK = torch.sigmoid(torch.gather(logits_TE.float(), 1, ids_TK))
+        else:
+            u_TK = torch.gather(torch.softmax(logits_TE.float(), dim=-1), 1, ids_TK)
+        denom_T1 = u_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        g_TK = (g_TK - (g_TK * weights_TK).sum(-1, keepdim=True)) / denom_T1
+        weights_TK = u_TK
+    if score_func == "sigmoid":
+        g_sel_TK = g_TK * weights_TK * (1.0 - weights_TK)
+        return torch.zeros_like(logits_TE, dtype=torch.float32).scatter_(1, ids_TK, g_sel_TK)
+    p_TE = torch.softmax(logits_TE.float(), dim=-1)
+    g_TE = torch.zeros_like(p_TE).scatter_(1, ids_TK, g_TK)
+    return p_TE * (g_TE - (g_TE * p_TE).sum(-1, keepdim=True))
+
+
+torch.library.register_autograd("llama4::moe_route", _route_backward, setup_context=_route_setup)
+
+
+def _rows_setup(ctx, inputs, output):
+    x, sorted_slots, slot_positions, topk_weights = inputs
+    ctx.has_weights = topk_weights is not None
+    ctx.save_for_backward(x, sorted_slots, slot_positions, topk_weights)
+
+
+def _slot_weight_grad(rows_a_ND, rows_b_TD, slot_positions_TK):
+    """d w[t, k] = <a[slot_positions[t, k]], b[t]> in float32, [T, K]."""
+    T, K = slot_positions_TK.shape
+    a_TKD = rows_a_ND.float()[slot_positions_TK.reshape(-1).long()].view(T, K, -1)
+    return (a_TKD * rows_b_TD.float().unsqueeze(1)).sum(-1)
+
+
+def _permute_backward(ctx, g_ND):
+    x_TD, sorted_slots, slot_positions, w_TK = ctx.saved_tensors
+    dx = ops.moe_unpermute(g_ND, sorted_slots, slot_positions, w_TK) if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.has_weights and ctx.needs_input_grad[3]:
+        dw = _slot_weight_grad(g_ND, x_TD, slot_positions)
+    return dx, None, None, dw
+
+
+def _unpermute_backward(ctx, g_TD):
+    y_ND, sorted_slots, slot_positions, w_TK = ctx.saved_tensors
+    dy = ops.moe_permute(g_TD, sorted_slots, slot_positions, w_TK) if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.has_weights and ctx.needs_input_grad[3]:
+        dw = _slot_weight_grad(y_ND, g_TD, slot_positions)
+    return dy, None, None, dw
+
+
+torch.library.register_autograd("llama4::moe_permute", _permute_backward, setup_context=_rows_setup)
+torch.library.register_autograd("llama4::moe_unpermute", _unpermute_backward, setup_context=_rows_setup)

@@ -1,0 +1,129 @@
+"""Pure-torch reference implementations: the test oracle, the benchmark baseline and the
+documentation of the maths of every op. Written for clarity, computed in float32/float64.
+
+Legend: T tokens, E experts, K top-k, D model width, N = T*K routed rows (slots).
+A slot is the pair (token t, choice k) and has index s = t*K + k.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class RouteResult(NamedTuple):
+    """What `moe_route` returns (shapes for T tokens, E experts, top-k K).
+
+    topk_weights_TK:     float32 [T, K]   routing weight of each chosen expert
+    topk_ids_TK:         int32   [T, K]   chosen experts, best first
+    tokens_per_expert_E: int32   [E]      slots routed to each expert
+    expert_offsets:      int32   [E + 1]  exclusive prefix sum of tokens_per_expert_E
+    sorted_slots:        int32   [T * K]  slot indices t*K+k in expert order, stable by token
+    slot_positions_TK:   int32   [T, K]   where each slot landed in that order
+    """
+
+    topk_weights_TK: torch.Tensor
+    topk_ids_TK: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    expert_offsets: torch.Tensor
+    sorted_slots: torch.Tensor
+    slot_positions_TK: torch.Tensor
+
+
+SCORE_FUNCS = ("sigmoid", "softmax")
+
+
+def selection_order_TE(router_logits_TE: torch.Tensor, expert_bias_E: torch.Tensor | None) -> torch.Tensor:
+    """Expert indices of each token from best to worst, int64 [T, E].
+
+    The key is `float32(logit) + bias`. Larger keys first; equal keys (also -0.0 == +0.0)
+    go to the lower expert index; NaN keys rank below every number, -inf included.
+    """
+    key_TE = router_logits_TE.float()
+    if expert_bias_E is not None:
+        key_TE = key_TE + expert_bias_E.float()
+    is_nan_TE = torch.isnan(key_TE)
+    filled_TE = torch.where(is_nan_TE, torch.full_like(key_TE, float("-inf")), key_TE)
+    # Two stable sorts: by value (descending), then by NaN-ness (numbers first).
+    order_TE = torch.sort(filled_TE, dim=-1, descending=True, stable=True).indices
+    nan_sorted_TE = torch.gather(is_nan_TE, 1, order_TE).to(torch.uint8)
+    by_nan_TE = torch.sort(nan_sorted_TE, dim=-1, stable=True).indices
+    return torch.gather(order_TE, 1, by_nan_TE)
+
+
+def moe_route(
+    router_logits_TE: torch.Tensor,
+    top_k: int,
+    *,
+    score_func: str = "sigmoid",
+    expert_bias_E: torch.Tensor | None = None,
+    renormalize: bool = False,
+) -> RouteResult:
+    """Top-k MoE routing.
+
+    router_logits_TE: [T, E] float32/float16/bfloat16. expert_bias_E: [E] float32 or None.
+    Selection: the top_k largest `logit + bias` (the bias steers selection only).
+    Weights (float32): "sigmoid" (Llama 4) w = sigmoid(logit); "softmax" w = softmax(logits)[id]
+    over all E experts. renormalize: w /= max(sum_k w, FLT_MIN).
+    Dispatch: slots s = t*K+k are ordered by expert, stable by s within an expert.
+    """
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+    T, E = router_logits_TE.shape
+    device = router_logits_TE.device
+    logits_TE = router_logits_TE.double()
+    ids_TK = selection_order_TE(router_logits_TE, expert_bias_E)[:, :top_k]
+    chosen_TK = torch.gather(logits_TE, 1, ids_TK)
+    if score_func == "sigmoid":
+        weights_TK = torch.sigmoid(chosen_TK)
+    else:
+        weights_TK = torch.gather(torch.softmax(logits_TE, dim=-1), 1, ids_TK)
+    if renormalize:
+        denom_T1 = weights_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        weights_TK = weights_TK / denom_T1
+
+    flat_ids_N = ids_TK.reshape(-1)
+    tokens_per_expert_E = torch.bincount(flat_ids_N, minlength=E)[:E]
+    offsets = torch.zeros(E + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(tokens_per_expert_E, 0)
+    sorted_slots_N = torch.sort(flat_ids_N, stable=True).indices
+    positions_N = torch.empty_like(sorted_slots_N)
+    positions_N[sorted_slots_N] = torch.arange(flat_ids_N.numel(), device=device)
+    return RouteResult(
+        weights_TK.float(),
+        ids_TK.int(),
+        tokens_per_expert_E.int(),
+        offsets.int(),
+        sorted_slots_N.int(),
+        positions_N.view(T, top_k).int(),
+    )
+
+
+def moe_permute(
+    x_TD: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dispatch rows to expert order: x_sorted_ND[p] = x_TD[s // K] (* w[s]), s = sorted_slots[p].
+
+    x_TD: [T, D]; returns [T*K, D] in x's dtype (weighting computed in float64 here).
+    """
+    K = route.slot_positions_TK.shape[1]
+    slots_N = route.sorted_slots.long()
+    rows_ND = x_TD.double()[slots_N // K]
+    if topk_weights_TK is not None:
+        rows_ND = rows_ND * topk_weights_TK.double().reshape(-1)[slots_N].unsqueeze(-1)
+    return rows_ND.to(x_TD.dtype)
+
+
+def moe_unpermute(
+    y_ND: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Combine: y_TD[t] = sum_k (w[t, k] *) y_ND[slot_positions[t, k]], summed over k in order.
+
+    y_ND: [T*K, D]; returns [T, D] in y's dtype (accumulated in float64 here).
+    """
+    T, K = route.slot_positions_TK.shape
+    rows_TKD = y_ND.double()[route.slot_positions_TK.long().reshape(-1)].view(T, K, -1)
+    if topk_weights_TK is not None:
+        rows_TKD = rows_TKD * topk_weights_TK.double().unsqueeze(-1)
+    return rows_TKD.sum(1).to(y_ND.dtype)
