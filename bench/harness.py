@@ -25,7 +25,7 @@ GiB = 1 << 30
 
 # An L2 flush writes a buffer at least twice the L2 (H100/H200: 50 MB) so no input survives in cache.
 CUDA_FLUSH_MIN_BYTES = 256 * MiB
-# CPU last-level caches are tens of MB; 64 MiB evicts them without making the CPU run slow.
+# CPU last-level caches are tens of MB; 64 MiB evicts them. Off by default on CPU (see time_op).
 CPU_FLUSH_BYTES = 64 * MiB
 
 # Ceiling problems: large enough to reach steady-state throughput, small enough to time in ~1 s.
@@ -91,8 +91,8 @@ def _timed_region(label: str, device: str) -> Iterator[None]:
     """NVTX range `bench.<label>` (domain llama4) and, when asked, a cudaProfiler capture range."""
     wanted = os.environ.get(PROFILE_ENV, "")
     profile = device == "cuda" and wanted != "" and (wanted == "1" or wanted in label)
-    # A GC pause inside a loop of 2 us ops would be a 100x outlier; collect now, not while timing.
-    gc.collect()
+    # A GC pause inside a loop of 2 us ops would be a 100x outlier. No gc.collect() first: a full
+    # collection costs ~90 ms with torch loaded, more than most loops.
     gc.disable()
     try:
         with nvtx_range(f"bench.{label}"):
@@ -120,15 +120,25 @@ def _summary(times_us: list[float]) -> dict:
 
 
 def time_op(
-    fn: Callable[[], object], device: str, *, warmup: int, iters: int, flush_l2: bool = True, label: str = "op"
+    fn: Callable[[], object],
+    device: str,
+    *,
+    warmup: int,
+    iters: int,
+    flush_l2: bool | None = None,
+    label: str = "op",
 ) -> dict:
     """Median / p10 / p90 microseconds of one call of `fn`.
 
     CUDA: a start and an end event around each call, L2 flushed before each (outside the events), one
     synchronize at the end. No per-iteration synchronize: the flush keeps the GPU busy ~100 us per
     iteration, so the host runs ahead and the events see kernel time, not launch latency.
-    CPU: time.perf_counter around each call, caches flushed the same way.
+    CPU: time.perf_counter around each call. flush_l2 defaults to False there: after writing 64 MiB the
+    cache is full of dirty lines whose write-back made a 10 KB copy 15x slower on the CI machine, an
+    artifact, not a cold-cache cost. flush_l2=True still flushes on CPU when asked.
     """
+    if flush_l2 is None:
+        flush_l2 = device == "cuda"
     if flush_l2:
         _flush_buffer(device)  # allocate before timing
     for _ in range(warmup):

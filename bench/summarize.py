@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 NAME_WIDTH = 34
-COLUMNS = ("us", "graph_us", "rate", "%ceil", "x ref", "x topk", "target", "result")
-WIDTHS = (9, 9, 12, 6, 8, 7, 18, 6)
+COLUMNS = ("us", "graph_us", "rate", "%ceil", "x base", "x topk", "target", "result")
+WIDTHS = (10, 10, 13, 7, 8, 8, 20, 7)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -21,10 +21,11 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def _rate(info: dict) -> str:
+    # Three significant digits: CPU rates of tiny problems are far below 0.1 GB/s.
     if "tflops" in info:
-        return f"{info['tflops']:.1f} TF/s"
+        return f"{info['tflops']:.3g} TF/s"
     if "gbps" in info:
-        return f"{info['gbps']:.1f} GB/s"
+        return f"{info['gbps']:.3g} GB/s"
     return "-"
 
 
@@ -68,16 +69,17 @@ def format_table(doc: dict) -> tuple[str, int]:
             _num(info.get("us"), ".2f"),
             _num(info.get("graph_us"), ".2f"),
             _rate(info),
-            _num(info.get("pct_of_ceiling"), ".1f"),
-            _num(info.get("speedup"), ".1f"),
-            _num(info.get("speedup_vs_topk"), ".2f"),
+            _num(info.get("pct_of_ceiling"), ".3g"),
+            _num(info.get("speedup"), ".3g"),
+            _num(info.get("speedup_vs_topk"), ".3g"),
             " ".join(desc for desc, _ in met) or "-",
             result,
         )
         lines.append(f"{name:<{NAME_WIDTH}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)))
     lines.append(
-        "us: median CUDA-event time per call, L2 flushed (perf_counter on CPU); graph_us: per call in a "
-        "CUDA-graph replay; x ref / x topk: speedup vs engine.ops.reference / plain torch"
+        "us: median CUDA-event time per call, L2 flushed (CPU: perf_counter, no flush); graph_us: per call in a "
+        "CUDA-graph replay;\nx base: speedup vs the benchmark's baseline (router: engine.ops.reference, permute/unpermute: "
+        "plain torch); x topk: speedup vs the plain-torch router; %ceil: of the copy (GB/s) or matmul (TF/s) ceiling"
     )
     return "\n".join(lines), missed
 

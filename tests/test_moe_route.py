@@ -42,9 +42,7 @@ def random_bias(gen: torch.Generator, E: int, device: torch.device) -> torch.Ten
 
 def route_both(logits_TE, top_k, *, score_func="sigmoid", expert_bias_E=None, renormalize=False):
     """(kernel result, reference result computed on CPU copies)."""
-    out = ops.moe_route(
-        logits_TE, top_k, score_func=score_func, expert_bias_E=expert_bias_E, renormalize=renormalize
-    )
+    out = ops.moe_route(logits_TE, top_k, score_func=score_func, expert_bias_E=expert_bias_E, renormalize=renormalize)
     ref = reference.moe_route(
         logits_TE.cpu(),
         top_k,
@@ -469,7 +467,12 @@ def test_opcheck(case, device, gen):
 def _route_outputs(logits_TE, bias_E, top_k, score_func):
     route = ops.moe_route(logits_TE, top_k, score_func=score_func, expert_bias_E=bias_E, renormalize=True)
     # Use the result, as a model would: scale the weights, shift the offsets.
-    return (route.topk_weights_TK * 2.0, route.topk_ids_TK, route.expert_offsets[1:] - route.expert_offsets[:-1], *route[2:])
+    return (
+        route.topk_weights_TK * 2.0,
+        route.topk_ids_TK,
+        route.expert_offsets[1:] - route.expert_offsets[:-1],
+        *route[2:],
+    )
 
 
 @pytest.mark.parametrize("score_func", SCORE_FUNCS)

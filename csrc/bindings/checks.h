@@ -36,8 +36,8 @@ RouteSizes check_route_args(const at::Tensor& router_logits, int64_t top_k,
 // rows [R, D] float32/float16/bfloat16 with unit stride along D; sorted_slots [T*K] int32;
 // slot_positions [T, K] int32; topk_weights [T, K] float32; all on rows' device.
 // `rows_are_slots` is false for permute (R must be T) and true for unpermute (R must be T*K).
-RowsSizes check_rows_args(const char* op, const char* rows_name, const at::Tensor& rows,
-                          const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
-                          const std::optional<at::Tensor>& topk_weights, bool rows_are_slots);
+RowsSizes check_rows_args(const char* op, const char* rows_name, const at::Tensor& rows, const at::Tensor& sorted_slots,
+                          const at::Tensor& slot_positions, const std::optional<at::Tensor>& topk_weights,
+                          bool rows_are_slots);
 
 }  // namespace llama4

@@ -17,6 +17,7 @@ namespace llama4::cpu {
 namespace {
 
 constexpr int64_t kTokensPerTask = 32;  // parallel_for grain: a few microseconds of work each
+constexpr int64_t kInsertionTopK = 16;  // above this K, a partial sort beats insertion
 
 // Selection order: larger key first; NaN below every number; ties (also -0 == +0) to lower index.
 inline bool ranks_before(float a, int32_t ia, float b, int32_t ib) {
@@ -26,26 +27,49 @@ inline bool ranks_before(float a, int32_t ia, float b, int32_t ib) {
   return ia < ib;
 }
 
+// The K best experts of one token into order_K[0..K), best first.
+void select_topk(const float* key_E, int64_t E, int64_t K, int32_t* order_K) {
+  const auto before = [&](int32_t a, int32_t b) { return ranks_before(key_E[a], a, key_E[b], b); };
+  if (K > kInsertionTopK) {
+    std::vector<int32_t> all_E(E);
+    std::iota(all_E.begin(), all_E.end(), 0);
+    std::partial_sort(all_E.begin(), all_E.begin() + K, all_E.end(), before);
+    std::copy(all_E.begin(), all_E.begin() + K, order_K);
+    return;
+  }
+  // Insertion into a best-first buffer: on random data almost every expert loses to the current
+  // K-th best at once, so this is one compare per expert. Experts arrive in index order, so an
+  // equal key never moves ahead of an earlier (lower) expert.
+  int64_t filled = 0;
+  for (int32_t e = 0; e < E; ++e) {
+    if (filled == K && !before(e, order_K[K - 1])) continue;
+    int64_t j = filled < K ? filled++ : K - 1;
+    while (j > 0 && before(e, order_K[j - 1])) {
+      order_K[j] = order_K[j - 1];
+      --j;
+    }
+    order_K[j] = e;
+  }
+}
+
 template <typename scalar_t>
 void route_tokens(const scalar_t* logits, int64_t row_stride, const float* bias, int64_t T, int64_t E, int64_t K,
                   ScoreFuncId score_func, bool renormalize, float* weights, int32_t* ids) {
   at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
     std::vector<float> logit_E(E), key_E(E);
-    std::vector<int32_t> order_E(E);
+    std::vector<int32_t> order_K(K);
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* row = logits + t * row_stride;
       for (int64_t e = 0; e < E; ++e) {
         logit_E[e] = static_cast<float>(row[e]);
         key_E[e] = bias ? logit_E[e] + bias[e] : logit_E[e];
       }
-      std::iota(order_E.begin(), order_E.end(), 0);
-      std::partial_sort(order_E.begin(), order_E.begin() + K, order_E.end(),
-                        [&](int32_t a, int32_t b) { return ranks_before(key_E[a], a, key_E[b], b); });
+      select_topk(key_E.data(), E, K, order_K.data());
 
       float* w = weights + t * K;
       int32_t* id = ids + t * K;
       if (score_func == ScoreFuncId::kSigmoid) {
-        for (int64_t k = 0; k < K; ++k) w[k] = 1.0f / (1.0f + std::exp(-logit_E[order_E[k]]));
+        for (int64_t k = 0; k < K; ++k) w[k] = 1.0f / (1.0f + std::exp(-logit_E[order_K[k]]));
       } else {
         // fmax ignores NaN like the CUDA kernel; a NaN logit then poisons the sum, so the row is NaN.
         float row_max = -std::numeric_limits<float>::infinity();
@@ -53,7 +77,7 @@ void route_tokens(const scalar_t* logits, int64_t row_stride, const float* bias,
         double denom = 0.0;  // double accumulation keeps the sum within an ulp for any E
         for (int64_t e = 0; e < E; ++e) denom += std::exp(logit_E[e] - row_max);
         const float inv = 1.0f / static_cast<float>(denom);
-        for (int64_t k = 0; k < K; ++k) w[k] = std::exp(logit_E[order_E[k]] - row_max) * inv;
+        for (int64_t k = 0; k < K; ++k) w[k] = std::exp(logit_E[order_K[k]] - row_max) * inv;
       }
       if (renormalize) {
         double sum = 0.0;
@@ -61,7 +85,7 @@ void route_tokens(const scalar_t* logits, int64_t row_stride, const float* bias,
         const float denom = std::max(static_cast<float>(sum), std::numeric_limits<float>::min());
         for (int64_t k = 0; k < K; ++k) w[k] = w[k] / denom;
       }
-      for (int64_t k = 0; k < K; ++k) id[k] = order_E[k];
+      for (int64_t k = 0; k < K; ++k) id[k] = order_K[k];
     }
   });
 }

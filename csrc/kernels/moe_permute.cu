@@ -13,8 +13,8 @@
 namespace llama4::kernels {
 namespace {
 
-constexpr int kVectorBytes = 16;      // LDG.128 / STG.128
-constexpr int kRowThreads = 128;      // D = 5120 bf16 is 640 vectors: 5 per thread
+constexpr int kVectorBytes = 16;           // LDG.128 / STG.128
+constexpr int kRowThreads = 128;           // D = 5120 bf16 is 640 vectors: 5 per thread
 constexpr int64_t kMaxGridRows = 1 << 20;  // grid-stride beyond this many rows
 
 template <typename T, int V>
@@ -22,17 +22,29 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(float x) {
+  return x;
+}
+__device__ __forceinline__ float to_float(__half x) {
+  return __half2float(x);
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kRowThreads) moe_permute_kernel(const MoePermuteParams p) {
@@ -83,9 +95,13 @@ __global__ void __launch_bounds__(kRowThreads) moe_unpermute_kernel(const MoeUnp
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0; }
+bool aligned16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
+}
 
-unsigned grid_for(int64_t rows) { return static_cast<unsigned>(rows < kMaxGridRows ? rows : kMaxGridRows); }
+unsigned grid_for(int64_t rows) {
+  return static_cast<unsigned>(rows < kMaxGridRows ? rows : kMaxGridRows);
+}
 
 template <typename T>
 Status launch_permute(const MoePermuteParams& p, cudaStream_t stream) {

@@ -37,9 +37,9 @@ constexpr int kFusedMaxSlots = 2048;
 constexpr int kTokensPerWarp = 4;
 // Per-(warp, expert) rank table in shared memory: W * E ints <= 16 KB.
 constexpr int kRankTableInts = 4096;
-constexpr int kMultiWarps = 8;                  // prefill path: 256-thread blocks, many per SM
-constexpr int kMultiMaxSlotsPerBlock = 2048;    // bounds the ids kept in shared memory
-constexpr int kScanThreads = 256;               // scan_block_counts: one block per expert
+constexpr int kMultiWarps = 8;                // prefill path: 256-thread blocks, many per SM
+constexpr int kMultiMaxSlotsPerBlock = 2048;  // bounds the ids kept in shared memory
+constexpr int kScanThreads = 256;             // scan_block_counts: one block per expert
 constexpr int kFinalizeThreads = 256;
 constexpr int kFinalizeSlotsPerThread = 4;
 
@@ -92,13 +92,15 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float sigmoid(float x) {
+  return 1.0f / (1.0f + expf(-x));
+}
 
 // Routes one token with its logits already in registers: writes topk_ids / topk_weights and the
 // chosen experts into ids_smem[0..K). Called by all 32 lanes of a warp.
 template <int VPT>
-__device__ __forceinline__ void select_topk(const RouteTopkParams& p, int64_t token, int lane,
-                                            const float (&raw)[VPT], int32_t* ids_smem) {
+__device__ __forceinline__ void select_topk(const RouteTopkParams& p, int64_t token, int lane, const float (&raw)[VPT],
+                                            int32_t* ids_smem) {
   const int E = p.num_experts;
   const int K = p.top_k;
   const int first = lane * VPT;
@@ -253,7 +255,9 @@ __device__ void warp_exclusive_scan(const int32_t* counts, int num_experts, int3
 // Threads per block the fused kernel is compiled for: 1024 (64 registers a thread) up to 128
 // experts; 512 beyond, where 8 or 32 logits per lane need the registers (and the rank table
 // allows at most 4096 / 129 = 31 warps anyway).
-constexpr int fused_max_threads(int vpt) { return vpt >= 8 ? 512 : 1024; }
+constexpr int fused_max_threads(int vpt) {
+  return vpt >= 8 ? 512 : 1024;
+}
 
 template <int VPT>
 __global__ void __launch_bounds__(fused_max_threads(VPT)) route_topk_fused_kernel(const RouteTopkParams p) {
@@ -261,11 +265,11 @@ __global__ void __launch_bounds__(fused_max_threads(VPT)) route_topk_fused_kerne
   const int n = static_cast<int>(p.num_tokens * p.top_k);
   const int E = p.num_experts;
   const int warps = blockDim.x / kWarpSize;
-  int32_t* ids_smem = smem;              // [n]
-  int32_t* rank_smem = ids_smem + n;     // [n]
-  int32_t* warp_hist = rank_smem + n;    // [W * E]
+  int32_t* ids_smem = smem;                 // [n]
+  int32_t* rank_smem = ids_smem + n;        // [n]
+  int32_t* warp_hist = rank_smem + n;       // [W * E]
   int32_t* counts = warp_hist + warps * E;  // [E]
-  int32_t* offsets = counts + E;         // [E + 1]
+  int32_t* offsets = counts + E;            // [E + 1]
 
   route_tokens<VPT>(p, 0, p.num_tokens, ids_smem);
   __syncthreads();
@@ -285,16 +289,17 @@ __global__ void __launch_bounds__(fused_max_threads(VPT)) route_topk_fused_kerne
 // Writes the local rank of each slot into slot_positions (finalised by launch 3) and the tile's
 // per-expert counts into block_counts[block * E + e].
 template <int VPT>
-__global__ void __launch_bounds__(kMultiWarps * kWarpSize) route_rank_blocks_kernel(const RouteTopkParams p, int tokens_per_block, int32_t* block_counts) {
+__global__ void __launch_bounds__(kMultiWarps* kWarpSize)
+    route_rank_blocks_kernel(const RouteTopkParams p, int tokens_per_block, int32_t* block_counts) {
   extern __shared__ int32_t smem[];
   const int E = p.num_experts;
   const int warps = blockDim.x / kWarpSize;
   const int64_t token_begin = static_cast<int64_t>(blockIdx.x) * tokens_per_block;
   const int64_t token_end = min(token_begin + tokens_per_block, p.num_tokens);
   const int n = static_cast<int>((token_end - token_begin) * p.top_k);
-  int32_t* ids_smem = smem;                 // [tokens_per_block * K]
+  int32_t* ids_smem = smem;                                    // [tokens_per_block * K]
   int32_t* warp_hist = ids_smem + tokens_per_block * p.top_k;  // [W * E]
-  int32_t* counts = warp_hist + warps * E;  // [E]
+  int32_t* counts = warp_hist + warps * E;                     // [E]
 
   route_tokens<VPT>(p, token_begin, token_end, ids_smem);
   __syncthreads();
@@ -336,8 +341,7 @@ __global__ void scan_block_counts_kernel(int32_t* block_counts, int num_blocks, 
 }
 
 // ---- prefill path, launch 3: final positions -----------------------------------------------
-__global__ void finalize_positions_kernel(const RouteTopkParams p, int tokens_per_block,
-                                          const int32_t* block_bases) {
+__global__ void finalize_positions_kernel(const RouteTopkParams p, int tokens_per_block, const int32_t* block_bases) {
   extern __shared__ int32_t offsets[];  // [E + 1]
   const int E = p.num_experts;
   if (threadIdx.x < kWarpSize) warp_exclusive_scan(p.tokens_per_expert, E, offsets);
@@ -386,7 +390,9 @@ MultiPlan multi_plan(int64_t num_tokens, int num_experts, int top_k) {
   return plan;
 }
 
-bool use_fused(int64_t num_tokens, int top_k) { return num_tokens * top_k <= kFusedMaxSlots; }
+bool use_fused(int64_t num_tokens, int top_k) {
+  return num_tokens * top_k <= kFusedMaxSlots;
+}
 
 template <int VPT>
 Status launch(const RouteTopkParams& p, cudaStream_t stream) {
@@ -406,11 +412,10 @@ Status launch(const RouteTopkParams& p, cudaStream_t stream) {
   }
   const MultiPlan plan = multi_plan(p.num_tokens, E, p.top_k);
   int32_t* block_counts = static_cast<int32_t*>(p.workspace);
-  const size_t smem1 =
-      sizeof(int32_t) * (static_cast<size_t>(plan.tokens_per_block) * p.top_k + static_cast<size_t>(plan.warps) * E + E);
-  route_rank_blocks_kernel<VPT>
-      <<<static_cast<unsigned>(plan.num_blocks), plan.warps * kWarpSize, smem1, stream>>>(p, plan.tokens_per_block,
-                                                                                          block_counts);
+  const size_t smem1 = sizeof(int32_t) *
+                       (static_cast<size_t>(plan.tokens_per_block) * p.top_k + static_cast<size_t>(plan.warps) * E + E);
+  route_rank_blocks_kernel<VPT><<<static_cast<unsigned>(plan.num_blocks), plan.warps * kWarpSize, smem1, stream>>>(
+      p, plan.tokens_per_block, block_counts);
   scan_block_counts_kernel<<<E, kScanThreads, 0, stream>>>(block_counts, static_cast<int>(plan.num_blocks), E,
                                                            p.tokens_per_expert);
   const int64_t slots_per_block = static_cast<int64_t>(kFinalizeThreads) * kFinalizeSlotsPerThread;

@@ -18,15 +18,15 @@ enum class ScoreFunc : int32_t { kSigmoid = 0, kSoftmax = 1 };
 inline constexpr int kRouteMaxExperts = 1024;
 
 struct RouteTopkParams {
-  const void* logits;          // [T, E], row stride `logits_row_stride` elements, unit column stride
-  DType logits_dtype;          // float32, float16 or bfloat16; all maths in float32
-  int64_t logits_row_stride;   // elements between rows (E when contiguous; 0 allowed)
-  const float* expert_bias;    // [E] float32 added to the selection key only, or nullptr
-  int64_t num_tokens;          // T >= 0
-  int32_t num_experts;         // 1 <= E <= kRouteMaxExperts
-  int32_t top_k;               // 1 <= K <= E, T*K <= kMaxSlots
+  const void* logits;         // [T, E], row stride `logits_row_stride` elements, unit column stride
+  DType logits_dtype;         // float32, float16 or bfloat16; all maths in float32
+  int64_t logits_row_stride;  // elements between rows (E when contiguous; 0 allowed)
+  const float* expert_bias;   // [E] float32 added to the selection key only, or nullptr
+  int64_t num_tokens;         // T >= 0
+  int32_t num_experts;        // 1 <= E <= kRouteMaxExperts
+  int32_t top_k;              // 1 <= K <= E, T*K <= kMaxSlots
   ScoreFunc score_func;
-  bool renormalize;            // w /= max(sum_k w, FLT_MIN)
+  bool renormalize;  // w /= max(sum_k w, FLT_MIN)
   // Outputs (all written in full by one call).
   float* topk_weights;         // [T, K]
   int32_t* topk_ids;           // [T, K]

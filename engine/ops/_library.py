@@ -15,11 +15,10 @@ from engine.ops import reference
 log = logging.getLogger("engine.ops")
 
 try:
-    from engine import _C  # noqa: F401  (importing registers torch.ops.llama4.*)
+    from engine import _C
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise ImportError(
-        "engine._C is not built: run `pip install -e .` (or `make test`) to compile the "
-        f"llama4 kernels ({exc})"
+        f"engine._C is not built: run `pip install -e .` (or `make test`) to compile the llama4 kernels ({exc})"
     ) from exc
 
 ops = torch.ops.llama4
@@ -116,7 +115,7 @@ def _moe_unpermute_fake(y, sorted_slots, slot_positions, topk_weights):
 # Autograd. Only the routing weights are differentiable (ids, counts and orders are integers).
 # --------------------------------------------------------------------------------------------
 def _route_setup(ctx, inputs, output):
-    logits, top_k, score_func, expert_bias, renormalize = inputs
+    logits, _top_k, score_func, _expert_bias, renormalize = inputs
     ctx.score_func = score_func
     ctx.renormalize = renormalize
     ctx.logits_dtype = logits.dtype

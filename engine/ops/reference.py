@@ -100,9 +100,7 @@ def moe_route(
     )
 
 
-def moe_permute(
-    x_TD: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None
-) -> torch.Tensor:
+def moe_permute(x_TD: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch rows to expert order: x_sorted_ND[p] = x_TD[s // K] (* w[s]), s = sorted_slots[p].
 
     x_TD: [T, D]; returns [T*K, D] in x's dtype (weighting computed in float64 here).
@@ -115,9 +113,7 @@ def moe_permute(
     return rows_ND.to(x_TD.dtype)
 
 
-def moe_unpermute(
-    y_ND: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None
-) -> torch.Tensor:
+def moe_unpermute(y_ND: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Combine: y_TD[t] = sum_k (w[t, k] *) y_ND[slot_positions[t, k]], summed over k in order.
 
     y_ND: [T*K, D]; returns [T, D] in y's dtype (accumulated in float64 here).

@@ -36,9 +36,7 @@ def moe_route(
         return RouteResult(*ops.moe_route(router_logits_TE, top_k, score_func, expert_bias_E, renormalize))
 
 
-def moe_permute(
-    x_TD: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None
-) -> torch.Tensor:
+def moe_permute(x_TD: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch: x_sorted_ND[p] = x_TD[s // K] * (topk_weights[s] if given), s = sorted_slots[p].
 
     x_TD: [T, D] float32/float16/bfloat16 (unit stride along D). topk_weights_TK: [T, K] float32
@@ -49,9 +47,7 @@ def moe_permute(
         return ops.moe_permute(x_TD, route.sorted_slots, route.slot_positions_TK, topk_weights_TK)
 
 
-def moe_unpermute(
-    y_ND: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None
-) -> torch.Tensor:
+def moe_unpermute(y_ND: torch.Tensor, route: RouteResult, topk_weights_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Combine: y_TD[t] = sum_k (topk_weights[t, k] *) y_ND[slot_positions[t, k]].
 
     y_ND: [T*K, D] rows in expert order. Accumulates in float32 in k order, so the result is

@@ -1,0 +1,52 @@
+"""The build's single source of truth: every kernel source is listed once in csrc/sources.txt,
+which both setup.py and CMakeLists.txt read; CUDA kernel files include no torch header."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sections() -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for raw in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), [])
+        else:
+            current.append(line)
+    return sections
+
+
+def test_every_source_is_listed_exactly_once():
+    listed = [p for files in _sections().values() for p in files]
+    assert len(listed) == len(set(listed)), "a source is listed twice in csrc/sources.txt"
+    on_disk = {
+        str(p.relative_to(ROOT))
+        for ext in ("*.cu", "*.cpp")
+        for p in (ROOT / "csrc").rglob(ext)
+        if "build" not in p.parts
+    }
+    assert on_disk == set(listed), f"unlisted: {on_disk - set(listed)}, missing: {set(listed) - on_disk}"
+
+
+def test_kernels_section_holds_exactly_the_cuda_files():
+    kernels = _sections()["kernels"]
+    assert kernels and all(p.startswith("csrc/kernels/") and p.endswith(".cu") for p in kernels)
+
+
+def test_setup_and_cmake_read_the_same_list():
+    assert 'csrc" / "sources.txt' in (ROOT / "setup.py").read_text().replace("'", '"')
+    assert "csrc/sources.txt" in (ROOT / "CMakeLists.txt").read_text()
+
+
+def test_cuda_kernels_include_no_torch_header():
+    pattern = re.compile(r'#include\s+[<"](torch|ATen|c10|pybind11)/')
+    for path in (ROOT / "csrc" / "kernels").rglob("*"):
+        if path.suffix in {".cu", ".cuh", ".h"}:
+            assert not pattern.search(path.read_text()), f"{path.name} includes a torch header"
