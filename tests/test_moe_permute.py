@@ -404,6 +404,7 @@ def test_build_info():
     assert "moe_route_cpu" in info["kernels"]
     if info["cuda"]:
         assert "route_topk_sm90" in info["kernels"]
+        assert isinstance(info["cuda_version"], str) and info["cuda_arch"], info
     # Built against the torch that loaded it (local version suffixes such as +cu130 aside).
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
 

@@ -48,7 +48,7 @@ def _log_fallback_once(op: str) -> None:
 
 
 def _register_cuda_fallbacks() -> None:
-    def route(logits, top_k, score_func, expert_bias, renormalize):
+    def route(logits, top_k, score_func="sigmoid", expert_bias=None, renormalize=False):
         _log_fallback_once("moe_route")
         return tuple(
             reference.moe_route(
@@ -56,11 +56,11 @@ def _register_cuda_fallbacks() -> None:
             )
         )
 
-    def permute(x, sorted_slots, slot_positions, topk_weights):
+    def permute(x, sorted_slots, slot_positions, topk_weights=None):
         _log_fallback_once("moe_permute")
         return reference.moe_permute(x, _slots_only(sorted_slots, slot_positions), topk_weights)
 
-    def unpermute(y, sorted_slots, slot_positions, topk_weights):
+    def unpermute(y, sorted_slots, slot_positions, topk_weights=None):
         _log_fallback_once("moe_unpermute")
         return reference.moe_unpermute(y, _slots_only(sorted_slots, slot_positions), topk_weights)
 
@@ -86,7 +86,7 @@ def _check(cond: bool, msg: Callable[[], str]) -> None:
 
 
 @torch.library.register_fake("llama4::moe_route")
-def _moe_route_fake(logits, top_k, score_func, expert_bias, renormalize):
+def _moe_route_fake(logits, top_k, score_func="sigmoid", expert_bias=None, renormalize=False):
     _check(logits.dim() == 2, lambda: f"moe_route: router_logits must be 2-D [T, E], got {logits.dim()}-D")
     T, E = logits.shape
     _check(1 <= top_k <= E, lambda: f"moe_route: top_k must be in [1, E={E}], got {top_k}")
@@ -100,13 +100,13 @@ def _moe_route_fake(logits, top_k, score_func, expert_bias, renormalize):
 
 
 @torch.library.register_fake("llama4::moe_permute")
-def _moe_permute_fake(x, sorted_slots, slot_positions, topk_weights):
+def _moe_permute_fake(x, sorted_slots, slot_positions, topk_weights=None):
     _check(x.dim() == 2, lambda: f"moe_permute: x must be 2-D [T, D], got {x.dim()}-D")
     return x.new_empty((sorted_slots.shape[0], x.shape[1]))
 
 
 @torch.library.register_fake("llama4::moe_unpermute")
-def _moe_unpermute_fake(y, sorted_slots, slot_positions, topk_weights):
+def _moe_unpermute_fake(y, sorted_slots, slot_positions, topk_weights=None):
     _check(y.dim() == 2, lambda: f"moe_unpermute: y must be 2-D [T*K, D], got {y.dim()}-D")
     return y.new_empty((slot_positions.shape[0], y.shape[1]))
 
@@ -173,6 +173,7 @@ def _slot_weight_grad(rows_a_ND, rows_b_TD, slot_positions_TK):
 
 
 def _permute_backward(ctx, g_ND):
+    g_ND = g_ND.contiguous()  # autograd may hand an expanded (stride-0) gradient
     x_TD, sorted_slots, slot_positions, w_TK = ctx.saved_tensors
     dx = ops.moe_unpermute(g_ND, sorted_slots, slot_positions, w_TK) if ctx.needs_input_grad[0] else None
     dw = None
@@ -182,6 +183,7 @@ def _permute_backward(ctx, g_ND):
 
 
 def _unpermute_backward(ctx, g_TD):
+    g_TD = g_TD.contiguous()  # autograd may hand an expanded (stride-0) gradient
     y_ND, sorted_slots, slot_positions, w_TK = ctx.saved_tensors
     dy = ops.moe_permute(g_TD, sorted_slots, slot_positions, w_TK) if ctx.needs_input_grad[0] else None
     dw = None
