@@ -1,7 +1,10 @@
 // Argument validation shared by the CPU and CUDA implementations of every llama4 op.
 #include "bindings/checks.h"
 
+#include <cmath>
 #include <limits>
+
+#include "kernels/adamw8bit.h"
 
 namespace llama4 {
 namespace {
@@ -91,6 +94,124 @@ RowsSizes check_rows_args(const char* op, const char* rows_name, const at::Tenso
     TORCH_CHECK_VALUE(w.is_contiguous(), op, ": topk_weights must be contiguous");
   }
   return {T, K, rows.size(1)};
+}
+
+namespace {
+
+void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), " like ", ref_name,
+                    ", got ", t.device());
+}
+
+void check_qmap(const char* op, const at::Tensor& qmap, const char* name) {
+  TORCH_CHECK_VALUE(qmap.dim() == 1 && qmap.size(0) == kernels::adamw::kQmapSize && qmap.is_contiguous(), op, ": ",
+                    name, " must be a contiguous [256] map, got shape ", qmap.sizes());
+  TORCH_CHECK_TYPE(qmap.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", qmap.scalar_type());
+}
+
+void check_block_size(const char* op, int64_t block_size) {
+  TORCH_CHECK_VALUE(kernels::adamw_block_size_supported(block_size), op, ": block_size must be 128, 256 or 512, got ",
+                    block_size);
+}
+
+}  // namespace
+
+AdamWArgs check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                           const at::Tensor& exp_avg_sq, const at::Tensor& absmax_exp_avg,
+                           const at::Tensor& absmax_exp_avg_sq, const at::Tensor& qmap_signed,
+                           const at::Tensor& qmap_unsigned, int64_t step, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, int64_t block_size, int64_t seed) {
+  constexpr const char* op = "adamw8bit_step";
+  TORCH_CHECK_TYPE(param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16, op,
+                   ": param must be float32 or bfloat16 (bfloat16 uses stochastic rounding; float16 is not "
+                   "supported), got ",
+                   param.scalar_type());
+  TORCH_CHECK_VALUE(param.layout() == at::kStrided && param.is_contiguous(), op,
+                    ": param must be a dense contiguous tensor");
+  TORCH_CHECK_VALUE(grad.layout() == at::kStrided, op, ": grad must be dense (sparse gradients are not supported)");
+  TORCH_CHECK_TYPE(grad.scalar_type() == param.scalar_type(), op, ": grad must have param's dtype ",
+                   param.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.numel() == param.numel() && grad.is_contiguous(), op,
+                    ": grad must be contiguous with param's ", param.numel(), " elements, got shape ", grad.sizes());
+  const int64_t n = param.numel();
+  const bool quantized = exp_avg.scalar_type() == at::kByte;
+  TORCH_CHECK_TYPE(quantized || exp_avg.scalar_type() == at::kFloat, op,
+                   ": exp_avg must be uint8 (8-bit state) or float32, got ", exp_avg.scalar_type());
+  TORCH_CHECK_TYPE(exp_avg_sq.scalar_type() == exp_avg.scalar_type(), op, ": exp_avg_sq must have exp_avg's dtype ",
+                   exp_avg.scalar_type(), ", got ", exp_avg_sq.scalar_type());
+  for (const auto& [t, name] : {std::pair{&exp_avg, "exp_avg"}, std::pair{&exp_avg_sq, "exp_avg_sq"}}) {
+    TORCH_CHECK_VALUE(t->numel() == n && t->is_contiguous(), op, ": ", name, " must be contiguous with ", n,
+                      " elements, got shape ", t->sizes());
+  }
+  for (const auto& [t, name] :
+       {std::pair{&grad, "grad"}, std::pair{&exp_avg, "exp_avg"}, std::pair{&exp_avg_sq, "exp_avg_sq"}}) {
+    check_same_device(op, param, "param", *t, name);
+  }
+  if (quantized) {
+    check_block_size(op, block_size);
+    const int64_t blocks = (n + block_size - 1) / block_size;
+    for (const auto& [t, name] :
+         {std::pair{&absmax_exp_avg, "absmax_exp_avg"}, std::pair{&absmax_exp_avg_sq, "absmax_exp_avg_sq"}}) {
+      TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == blocks && t->is_contiguous(), op, ": ", name,
+                        " must be a contiguous [ceil(n / block_size)] = [", blocks, "] tensor, got ", t->sizes());
+      TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+      check_same_device(op, param, "param", *t, name);
+    }
+    check_qmap(op, qmap_signed, "qmap_signed");
+    check_qmap(op, qmap_unsigned, "qmap_unsigned");
+    check_same_device(op, param, "param", qmap_signed, "qmap_signed");
+    check_same_device(op, param, "param", qmap_unsigned, "qmap_unsigned");
+  }
+  TORCH_CHECK_VALUE(step >= 1, op, ": step must be >= 1 (the count including this step), got ", step);
+  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0.0, op, ": lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(weight_decay) && weight_decay >= 0.0, op, ": weight_decay must be >= 0, got ",
+                    weight_decay);
+
+  AdamWArgs a{param, grad, exp_avg, exp_avg_sq, absmax_exp_avg, absmax_exp_avg_sq, qmap_signed, qmap_unsigned};
+  a.quantized = quantized;
+  a.numel = n;
+  a.block_size = block_size;
+  const double t = static_cast<double>(step);
+  a.scalars.lr = static_cast<float>(lr);
+  a.scalars.beta1 = static_cast<float>(beta1);
+  a.scalars.beta2 = static_cast<float>(beta2);
+  a.scalars.eps = static_cast<float>(eps);
+  a.scalars.decay = static_cast<float>(1.0 - lr * weight_decay);
+  a.scalars.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, t)));
+  a.scalars.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, t)));
+  a.seed = static_cast<uint64_t>(seed);
+  a.step = static_cast<uint64_t>(step);
+  return a;
+}
+
+void check_quantize_args(const at::Tensor& x, const at::Tensor& qmap, int64_t block_size) {
+  constexpr const char* op = "quantize_blockwise";
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+                   ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
+  check_qmap(op, qmap, "qmap");
+  check_same_device(op, x, "x", qmap, "qmap");
+  check_block_size(op, block_size);
+}
+
+void check_dequantize_args(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
+                           int64_t block_size) {
+  constexpr const char* op = "dequantize_blockwise";
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.is_contiguous(), op, ": codes must be contiguous");
+  check_block_size(op, block_size);
+  const int64_t blocks = (codes.numel() + block_size - 1) / block_size;
+  TORCH_CHECK_VALUE(absmax.dim() == 1 && absmax.size(0) == blocks && absmax.is_contiguous(), op,
+                    ": absmax must be a contiguous [ceil(n / block_size)] = [", blocks, "] tensor, got ",
+                    absmax.sizes());
+  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ", absmax.scalar_type());
+  check_qmap(op, qmap, "qmap");
+  check_same_device(op, codes, "codes", absmax, "absmax");
+  check_same_device(op, codes, "codes", qmap, "qmap");
 }
 
 }  // namespace llama4

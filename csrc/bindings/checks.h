@@ -8,6 +8,8 @@
 #include <optional>
 #include <string>
 
+#include "kernels/adamw8bit_math.h"
+
 namespace llama4 {
 
 // Problem sizes of a routing call, after validation.
@@ -39,5 +41,28 @@ RouteSizes check_route_args(const at::Tensor& router_logits, int64_t top_k,
 RowsSizes check_rows_args(const char* op, const char* rows_name, const at::Tensor& rows, const at::Tensor& sorted_slots,
                           const at::Tensor& slot_positions, const std::optional<at::Tensor>& topk_weights,
                           bool rows_are_slots);
+
+// A validated 8-bit AdamW step (see adamw8bit_step's schema in registry.cpp).
+struct AdamWArgs {
+  at::Tensor param, grad, exp_avg, exp_avg_sq, absmax_exp_avg, absmax_exp_avg_sq, qmap_signed, qmap_unsigned;
+  bool quantized;  // uint8 state with absmax per block; false: float32 state
+  int64_t numel;
+  int64_t block_size;
+  kernels::adamw::StepScalars scalars;
+  uint64_t seed;
+  uint64_t step;
+};
+
+AdamWArgs check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                           const at::Tensor& exp_avg_sq, const at::Tensor& absmax_exp_avg,
+                           const at::Tensor& absmax_exp_avg_sq, const at::Tensor& qmap_signed,
+                           const at::Tensor& qmap_unsigned, int64_t step, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, int64_t block_size, int64_t seed);
+
+// x float32/bfloat16 contiguous; qmap float32 [256] on x's device; block_size supported.
+void check_quantize_args(const at::Tensor& x, const at::Tensor& qmap, int64_t block_size);
+// codes uint8 [n], absmax float32 [ceil(n / block_size)], qmap float32 [256], same device.
+void check_dequantize_args(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
+                           int64_t block_size);
 
 }  // namespace llama4

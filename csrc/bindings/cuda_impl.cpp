@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "bindings/checks.h"
+#include "kernels/adamw8bit.h"
 #include "kernels/moe_permute.h"
 #include "kernels/route_topk.h"
 
@@ -113,9 +114,72 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& sorted_slot
   return out;
 }
 
+void adamw8bit_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                         const at::Tensor& exp_avg_sq, const at::Tensor& absmax_exp_avg,
+                         const at::Tensor& absmax_exp_avg_sq, const at::Tensor& qmap_signed,
+                         const at::Tensor& qmap_unsigned, int64_t step, double lr, double beta1, double beta2,
+                         double eps, double weight_decay, int64_t block_size, int64_t seed) {
+  const AdamWArgs a = check_adamw_args(param, grad, exp_avg, exp_avg_sq, absmax_exp_avg, absmax_exp_avg_sq, qmap_signed,
+                                       qmap_unsigned, step, lr, beta1, beta2, eps, weight_decay, block_size, seed);
+  check_cuda(param, "adamw8bit_step", "param");
+  const c10::cuda::CUDAGuard guard(param.device());
+  kernels::AdamW8bitParams p{};
+  p.param = param.data_ptr();
+  p.grad = grad.data_ptr();
+  p.param_dtype = to_kernel_dtype(param.scalar_type());
+  p.quantized = a.quantized;
+  p.exp_avg = exp_avg.data_ptr();
+  p.exp_avg_sq = exp_avg_sq.data_ptr();
+  p.absmax_exp_avg = a.quantized ? absmax_exp_avg.data_ptr<float>() : nullptr;
+  p.absmax_exp_avg_sq = a.quantized ? absmax_exp_avg_sq.data_ptr<float>() : nullptr;
+  p.qmap_signed = a.quantized ? qmap_signed.data_ptr<float>() : nullptr;
+  p.qmap_unsigned = a.quantized ? qmap_unsigned.data_ptr<float>() : nullptr;
+  p.numel = a.numel;
+  p.block_size = static_cast<int32_t>(a.block_size);
+  p.scalars = a.scalars;
+  p.seed = a.seed;
+  p.step = a.step;
+  check_launch(kernels::adamw8bit_step(p, c10::cuda::getCurrentCUDAStream()), "adamw8bit_step");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& qmap,
+                                                           int64_t block_size) {
+  check_quantize_args(x, qmap, block_size);
+  check_cuda(x, "quantize_blockwise", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  at::Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({(n + block_size - 1) / block_size}, x.options().dtype(at::kFloat));
+  kernels::BlockwiseQuantParams p{x.data_ptr(),
+                                  to_kernel_dtype(x.scalar_type()),
+                                  n,
+                                  static_cast<int32_t>(block_size),
+                                  qmap.data_ptr<float>(),
+                                  codes.data_ptr<uint8_t>(),
+                                  absmax.data_ptr<float>()};
+  check_launch(kernels::quantize_blockwise(p, c10::cuda::getCurrentCUDAStream()), "quantize_blockwise");
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
+                                     int64_t block_size) {
+  check_dequantize_args(codes, absmax, qmap, block_size);
+  check_cuda(codes, "dequantize_blockwise", "codes");
+  const c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor out = at::empty({codes.numel()}, codes.options().dtype(at::kFloat));
+  kernels::BlockwiseDequantParams p{codes.data_ptr<uint8_t>(),        absmax.data_ptr<float>(),
+                                    qmap.data_ptr<float>(),           codes.numel(),
+                                    static_cast<int32_t>(block_size), out.data_ptr<float>()};
+  check_launch(kernels::dequantize_blockwise(p, c10::cuda::getCurrentCUDAStream()), "dequantize_blockwise");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama4, CUDA, m) {
+  m.impl("adamw8bit_step", &adamw8bit_step_cuda);
+  m.impl("quantize_blockwise", &quantize_blockwise_cuda);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
   m.impl("moe_route", &moe_route_cuda);
   m.impl("moe_permute", &moe_permute_cuda);
   m.impl("moe_unpermute", &moe_unpermute_cuda);

@@ -30,6 +30,27 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& sorted_slots
   return cpu::moe_unpermute(y, slot_positions, topk_weights, sizes);
 }
 
+void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                        const at::Tensor& exp_avg_sq, const at::Tensor& absmax_exp_avg,
+                        const at::Tensor& absmax_exp_avg_sq, const at::Tensor& qmap_signed,
+                        const at::Tensor& qmap_unsigned, int64_t step, double lr, double beta1, double beta2,
+                        double eps, double weight_decay, int64_t block_size, int64_t seed) {
+  cpu::adamw8bit_step(check_adamw_args(param, grad, exp_avg, exp_avg_sq, absmax_exp_avg, absmax_exp_avg_sq, qmap_signed,
+                                       qmap_unsigned, step, lr, beta1, beta2, eps, weight_decay, block_size, seed));
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& qmap,
+                                                          int64_t block_size) {
+  check_quantize_args(x, qmap, block_size);
+  return cpu::quantize_blockwise(x, qmap, block_size);
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
+                                    int64_t block_size) {
+  check_dequantize_args(codes, absmax, qmap, block_size);
+  return cpu::dequantize_blockwise(codes, absmax, qmap, block_size);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama4, m) {
@@ -42,9 +63,21 @@ TORCH_LIBRARY(llama4, m) {
   m.def("moe_permute(Tensor x, Tensor sorted_slots, Tensor slot_positions, Tensor? topk_weights=None) -> Tensor");
   // Combine: out [T, D] = sum_k (topk_weights[t,k] *) y[slot_positions[t,k]], in k order.
   m.def("moe_unpermute(Tensor y, Tensor sorted_slots, Tensor slot_positions, Tensor? topk_weights=None) -> Tensor");
+  // Fused AdamW step with 8-bit blockwise-quantised state (uint8 exp_avg/exp_avg_sq + float32 absmax per
+  // block) or float32 state (absmax tensors empty). Updates param and the state in place.
+  m.def(
+      "adamw8bit_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!) absmax_exp_avg, Tensor(e!) absmax_exp_avg_sq, Tensor qmap_signed, Tensor qmap_unsigned, "
+      "int step, float lr, float beta1, float beta2, float eps, float weight_decay, int block_size, int seed) -> ()");
+  // Blockwise dynamic quantisation: x [n] -> (codes uint8 [n], absmax float32 [ceil(n / block_size)]).
+  m.def("quantize_blockwise(Tensor x, Tensor qmap, int block_size) -> (Tensor, Tensor)");
+  m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama4, CPU, m) {
+  m.impl("adamw8bit_step", &adamw8bit_step_cpu);
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
   m.impl("moe_route", &moe_route_cpu);
   m.impl("moe_permute", &moe_permute_cpu);
   m.impl("moe_unpermute", &moe_unpermute_cpu);

@@ -25,4 +25,12 @@ at::Tensor moe_permute(const at::Tensor& x, const at::Tensor& sorted_slots,
 at::Tensor moe_unpermute(const at::Tensor& y, const at::Tensor& slot_positions,
                          const std::optional<at::Tensor>& topk_weights, const RowsSizes& sizes);
 
+// One 8-bit (or float32-state) AdamW step in place.
+void adamw8bit_step(const AdamWArgs& args);
+
+// x [n] -> (codes uint8 [n], absmax float32 [B]); codes -> float32 [n].
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& qmap, int64_t block_size);
+at::Tensor dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
+                                int64_t block_size);
+
 }  // namespace llama4::cpu

@@ -5,7 +5,18 @@ schema, CPU and CUDA kernels, a fake kernel for torch.compile and an autograd fo
 
 from engine.ops import reference
 from engine.ops._library import build_info
+from engine.ops.optim_ops import dequantize_blockwise, dynamic_qmap, quantize_blockwise
 from engine.ops.reference import RouteResult
 from engine.ops.routing import moe_permute, moe_route, moe_unpermute
 
-__all__ = ["RouteResult", "build_info", "moe_permute", "moe_route", "moe_unpermute", "reference"]
+__all__ = [
+    "RouteResult",
+    "build_info",
+    "dequantize_blockwise",
+    "dynamic_qmap",
+    "moe_permute",
+    "moe_route",
+    "moe_unpermute",
+    "quantize_blockwise",
+    "reference",
+]

@@ -123,3 +123,87 @@ def moe_unpermute(y_ND: torch.Tensor, route: RouteResult, topk_weights_TK: torch
     if topk_weights_TK is not None:
         rows_TKD = rows_TKD * topk_weights_TK.double().unsqueeze(-1)
     return rows_TKD.sum(1).to(y_ND.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit optimizer state: dynamic (tree) quantisation maps and blockwise quantisation.
+# Legend: n elements, B = ceil(n / block_size) blocks.
+# ---------------------------------------------------------------------------------------------
+QMAP_SIZE = 256
+QMAP_DECADES = 7  # magnitudes from 1e-7 to 1, one decade per group of codes
+
+
+def dynamic_qmap(signed: bool) -> torch.Tensor:
+    """The 256-entry dynamic quantisation map (float32, sorted ascending).
+
+    Non-linear "dynamic tree" code: decade i (i = 0..6) covers magnitudes 10^(i-7)..10^(i-6)
+    with 2^i (signed) or 2^(i+1) (unsigned) linearly spaced fractions (the midpoints of
+    linspace(0.1, 1, n+1), scaled by 10^(i-6)), plus exact 0 and +1. Signed: 2*127 + 2 = 256
+    codes (the most negative is -0.993); unsigned: 254 + 2 = 256. Small values keep relative
+    precision down to 1e-7 of the block maximum, which the second moment needs.
+    """
+    magnitudes: list[float] = []
+    for i in range(QMAP_DECADES):
+        n = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float64)
+        magnitudes += ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - (QMAP_DECADES - 1))).tolist()
+    values = [0.0, 1.0, *magnitudes] + ([-m for m in magnitudes] if signed else [])
+    qmap = torch.tensor(sorted(values), dtype=torch.float32)
+    assert qmap.numel() == QMAP_SIZE and bool((qmap.diff() > 0).all()), "the map must be 256 distinct sorted codes"
+    return qmap
+
+
+def quantize_blockwise(
+    x: torch.Tensor, qmap: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (any shape, n elements) -> (codes uint8 [n], absmax float32 [B]). Brute-force nearest code.
+
+    absmax[b] = max |x| over block b; codes index the qmap entry nearest to x / absmax (ties to the
+    lower entry); an all-zero block has absmax 0 and quantises to the code of 0.
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // block_size)
+    padded = torch.zeros(blocks * block_size, dtype=torch.float32, device=x.device)
+    padded[:n] = flat
+    absmax = padded.view(blocks, block_size).abs().amax(1)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = (padded.view(blocks, block_size) / scale[:, None]).reshape(-1)[:n]
+    dist = (normed[:, None].double() - qmap.to(x.device).double()[None, :]).abs()
+    codes = torch.argmin(dist, dim=1)  # first minimum: ties go to the lower entry
+    return codes.to(torch.uint8), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int) -> torch.Tensor:
+    """codes uint8 [n], absmax float32 [B] -> float32 [n]: qmap[code] * absmax[block]."""
+    n = codes.numel()
+    block_of = torch.arange(n, device=codes.device) // block_size
+    return qmap.to(codes.device)[codes.long()] * absmax[block_of]
+
+
+def adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One torch.optim.AdamW step in float64 on unquantised state; returns (param, exp_avg, exp_avg_sq).
+
+    p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
+    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    """
+    p, g, m, v = (t.double() for t in (param, grad, exp_avg, exp_avg_sq))
+    p = p * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    p = p - lr / bc1 * m / (v.sqrt() / bc2**0.5 + eps)
+    return p, m, v
