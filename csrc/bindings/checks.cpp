@@ -214,4 +214,75 @@ void check_dequantize_args(const at::Tensor& codes, const at::Tensor& absmax, co
   check_same_device(op, codes, "codes", qmap, "qmap");
 }
 
+kernels::QuantGranularity parse_granularity(const char* op, const std::string& granularity) {
+  if (granularity == "tensor") return kernels::QuantGranularity::kTensor;
+  if (granularity == "row") return kernels::QuantGranularity::kRow;
+  if (granularity == "block128") return kernels::QuantGranularity::kBlock128;
+  TORCH_CHECK_VALUE(false, op, ": granularity must be \"tensor\", \"row\" or \"block128\", got \"", granularity, "\"");
+}
+
+std::vector<int64_t> fp8_scale_shape(kernels::QuantGranularity g, int64_t rows, int64_t cols) {
+  switch (g) {
+    case kernels::QuantGranularity::kTensor: return {};
+    case kernels::QuantGranularity::kRow: return {rows};
+    default: return {rows, (cols + kernels::kQuantBlock - 1) / kernels::kQuantBlock};
+  }
+}
+
+namespace {
+
+kernels::Fp8Kind parse_fp8_dtype(const char* op, const char* name, at::ScalarType t) {
+  if (t == at::kFloat8_e4m3fn) return kernels::Fp8Kind::kE4M3;
+  if (t == at::kFloat8_e5m2) return kernels::Fp8Kind::kE5M2;
+  TORCH_CHECK_TYPE(false, op, ": ", name, " must be torch.float8_e4m3fn or torch.float8_e5m2, got ", t);
+}
+
+}  // namespace
+
+void check_swiglu_args(const char* op, const at::Tensor& h) {
+  TORCH_CHECK_VALUE(h.dim() == 2, op, ": h must be 2-D [M, 2F], got shape ", h.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(h.scalar_type()), op, ": h must be float32, float16 or bfloat16, got ",
+                   h.scalar_type());
+  TORCH_CHECK_VALUE(h.size(1) % 2 == 0, op, ": h must have an even number of columns [gate | up], got ", h.size(1));
+  TORCH_CHECK_VALUE(h.stride(1) == 1 || h.size(1) <= 1, op, ": h must have unit stride along columns, got strides ",
+                    h.strides());
+  TORCH_CHECK_VALUE(h.stride(0) >= 0, op, ": h must have a non-negative row stride");
+}
+
+Fp8QuantSizes check_fp8_quant_args(const char* op, const at::Tensor& x, const std::string& granularity,
+                                   at::ScalarType fp8_dtype, bool swiglu) {
+  const kernels::QuantGranularity g = parse_granularity(op, granularity);
+  const kernels::Fp8Kind kind = parse_fp8_dtype(op, "fp8_dtype", fp8_dtype);
+  if (swiglu) {
+    check_swiglu_args(op, x);
+  } else {
+    TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
+    TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+                     x.scalar_type());
+    TORCH_CHECK_VALUE(x.stride(1) == 1 || x.size(1) <= 1, op, ": x must have unit stride along K, got strides ",
+                      x.strides());
+    TORCH_CHECK_VALUE(x.stride(0) >= 0, op, ": x must have a non-negative row stride");
+  }
+  return {x.size(0), swiglu ? x.size(1) / 2 : x.size(1), g, kind};
+}
+
+Fp8QuantSizes check_fp8_dequant_args(const at::Tensor& q, const at::Tensor& scale, const std::string& granularity,
+                                     at::ScalarType out_dtype) {
+  constexpr const char* op = "dequantize_fp8";
+  const kernels::QuantGranularity g = parse_granularity(op, granularity);
+  TORCH_CHECK_VALUE(q.dim() == 2 && q.is_contiguous(), op, ": x_fp8 must be a contiguous 2-D tensor, got shape ",
+                    q.sizes());
+  const kernels::Fp8Kind kind = parse_fp8_dtype(op, "x_fp8", q.scalar_type());
+  const auto expected = fp8_scale_shape(g, q.size(0), q.size(1));
+  TORCH_CHECK_VALUE(scale.sizes().vec() == expected && scale.is_contiguous(), op,
+                    ": scale must be contiguous with shape ", at::IntArrayRef(expected), " for granularity \"",
+                    granularity, "\", got ", scale.sizes());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == q.device(), op, ": scale must be on ", q.device(), " like x_fp8, got ",
+                    scale.device());
+  TORCH_CHECK_TYPE(is_supported_float(out_dtype), op, ": out_dtype must be float32, float16 or bfloat16, got ",
+                   out_dtype);
+  return {q.size(0), q.size(1), g, kind};
+}
+
 }  // namespace llama4

@@ -7,8 +7,10 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "kernels/adamw8bit_math.h"
+#include "kernels/fp8_math.h"
 
 namespace llama4 {
 
@@ -64,5 +66,24 @@ void check_quantize_args(const at::Tensor& x, const at::Tensor& qmap, int64_t bl
 // codes uint8 [n], absmax float32 [ceil(n / block_size)], qmap float32 [256], same device.
 void check_dequantize_args(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
                            int64_t block_size);
+
+// A validated FP8 quantisation (quantize_fp8, swiglu_quant): x [M, K] or, with swiglu, [M, 2K].
+struct Fp8QuantSizes {
+  int64_t rows;  // M
+  int64_t cols;  // K, the quantised width
+  kernels::QuantGranularity granularity;
+  kernels::Fp8Kind kind;
+};
+
+kernels::QuantGranularity parse_granularity(const char* op, const std::string& granularity);
+// Shape of the scale tensor for a granularity: [] / [M] / [M, ceil(K / 128)].
+std::vector<int64_t> fp8_scale_shape(kernels::QuantGranularity g, int64_t rows, int64_t cols);
+Fp8QuantSizes check_fp8_quant_args(const char* op, const at::Tensor& x, const std::string& granularity,
+                                   at::ScalarType fp8_dtype, bool swiglu);
+// q [M, K] float8 contiguous; scale of the granularity's shape, float32; out_dtype float32/float16/bfloat16.
+Fp8QuantSizes check_fp8_dequant_args(const at::Tensor& q, const at::Tensor& scale, const std::string& granularity,
+                                     at::ScalarType out_dtype);
+// h [M, 2K] float32/float16/bfloat16 with unit column stride.
+void check_swiglu_args(const char* op, const at::Tensor& h);
 
 }  // namespace llama4

@@ -7,6 +7,7 @@
 
 #include "bindings/checks.h"
 #include "kernels/adamw8bit.h"
+#include "kernels/fp8_quant.h"
 #include "kernels/moe_permute.h"
 #include "kernels/route_topk.h"
 
@@ -174,9 +175,77 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& 
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_impl(const char* op, const at::Tensor& x, c10::string_view granularity,
+                                                     at::ScalarType fp8_dtype, bool swiglu) {
+  const Fp8QuantSizes sz = check_fp8_quant_args(op, x, std::string(granularity), fp8_dtype, swiglu);
+  check_cuda(x, op, swiglu ? "h" : "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({sz.rows, sz.cols}, x.options().dtype(fp8_dtype));
+  at::Tensor scale = at::empty(fp8_scale_shape(sz.granularity, sz.rows, sz.cols), x.options().dtype(at::kFloat));
+  at::Tensor workspace;
+  if (sz.granularity == kernels::QuantGranularity::kTensor) workspace = at::empty({1}, x.options().dtype(at::kFloat));
+  kernels::Fp8QuantParams p{};
+  p.x = x.data_ptr();
+  p.x_dtype = to_kernel_dtype(x.scalar_type());
+  p.rows = sz.rows;
+  p.cols = sz.cols;
+  p.x_row_stride = x.stride(0);
+  p.swiglu = swiglu;
+  p.granularity = sz.granularity;
+  p.kind = sz.kind;
+  p.out = static_cast<uint8_t*>(out.data_ptr());
+  p.scale = scale.data_ptr<float>();
+  p.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
+  check_launch(kernels::quantize_fp8(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {out, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x, c10::string_view granularity,
+                                                     at::ScalarType fp8_dtype) {
+  return quantize_fp8_impl("quantize_fp8", x, granularity, fp8_dtype, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_quant_cuda(const at::Tensor& h, c10::string_view granularity,
+                                                     at::ScalarType fp8_dtype) {
+  return quantize_fp8_impl("swiglu_quant", h, granularity, fp8_dtype, true);
+}
+
+at::Tensor dequantize_fp8_cuda(const at::Tensor& x_fp8, const at::Tensor& scale, c10::string_view granularity,
+                               at::ScalarType out_dtype) {
+  const Fp8QuantSizes sz = check_fp8_dequant_args(x_fp8, scale, std::string(granularity), out_dtype);
+  check_cuda(x_fp8, "dequantize_fp8", "x_fp8");
+  const c10::cuda::CUDAGuard guard(x_fp8.device());
+  at::Tensor out = at::empty({sz.rows, sz.cols}, x_fp8.options().dtype(out_dtype));
+  kernels::Fp8DequantParams p{static_cast<const uint8_t*>(x_fp8.data_ptr()),
+                              sz.kind,
+                              sz.rows,
+                              sz.cols,
+                              sz.granularity,
+                              scale.data_ptr<float>(),
+                              out.data_ptr(),
+                              to_kernel_dtype(out_dtype)};
+  check_launch(kernels::dequantize_fp8(p, c10::cuda::getCurrentCUDAStream()), "dequantize_fp8");
+  return out;
+}
+
+at::Tensor swiglu_cuda(const at::Tensor& h) {
+  check_swiglu_args("swiglu", h);
+  check_cuda(h, "swiglu", "h");
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor out = at::empty({h.size(0), h.size(1) / 2}, h.options());
+  kernels::SwigluParams p{h.data_ptr(),  to_kernel_dtype(h.scalar_type()), h.size(0), h.size(1) / 2, h.stride(0),
+                          out.data_ptr()};
+  check_launch(kernels::swiglu(p, c10::cuda::getCurrentCUDAStream()), "swiglu");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama4, CUDA, m) {
+  m.impl("quantize_fp8", &quantize_fp8_cuda);
+  m.impl("dequantize_fp8", &dequantize_fp8_cuda);
+  m.impl("swiglu_quant", &swiglu_quant_cuda);
+  m.impl("swiglu", &swiglu_cuda);
   m.impl("adamw8bit_step", &adamw8bit_step_cuda);
   m.impl("quantize_blockwise", &quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);

@@ -51,6 +51,29 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& a
   return cpu::dequantize_blockwise(codes, absmax, qmap, block_size);
 }
 
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, c10::string_view granularity,
+                                                    at::ScalarType fp8_dtype) {
+  const Fp8QuantSizes sz = check_fp8_quant_args("quantize_fp8", x, std::string(granularity), fp8_dtype, false);
+  return cpu::quantize_fp8(x, sz, /*swiglu=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_quant_cpu(const at::Tensor& h, c10::string_view granularity,
+                                                    at::ScalarType fp8_dtype) {
+  const Fp8QuantSizes sz = check_fp8_quant_args("swiglu_quant", h, std::string(granularity), fp8_dtype, true);
+  return cpu::quantize_fp8(h, sz, /*swiglu=*/true);
+}
+
+at::Tensor dequantize_fp8_cpu(const at::Tensor& x_fp8, const at::Tensor& scale, c10::string_view granularity,
+                              at::ScalarType out_dtype) {
+  const Fp8QuantSizes sz = check_fp8_dequant_args(x_fp8, scale, std::string(granularity), out_dtype);
+  return cpu::dequantize_fp8(x_fp8, scale, sz, out_dtype);
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& h) {
+  check_swiglu_args("swiglu", h);
+  return cpu::swiglu(h);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama4, m) {
@@ -72,12 +95,23 @@ TORCH_LIBRARY(llama4, m) {
   // Blockwise dynamic quantisation: x [n] -> (codes uint8 [n], absmax float32 [ceil(n / block_size)]).
   m.def("quantize_blockwise(Tensor x, Tensor qmap, int block_size) -> (Tensor, Tensor)");
   m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor");
+  // FP8 quantisation of x [M, K]: scale = max(amax, 1e-12) / fp8_max per tensor ([]), row ([M]) or 1x128 block
+  // ([M, ceil(K/128)]); x_fp8 = saturate(x / scale) rounded to nearest even.
+  m.def("quantize_fp8(Tensor x, str granularity, ScalarType fp8_dtype) -> (Tensor, Tensor)");
+  m.def("dequantize_fp8(Tensor x_fp8, Tensor scale, str granularity, ScalarType out_dtype) -> Tensor");
+  // silu(h[:, :F]) * h[:, F:] of h [M, 2F] fused with FP8 quantisation (one pass), and the plain variant.
+  m.def("swiglu_quant(Tensor h, str granularity, ScalarType fp8_dtype) -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor h) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama4, CPU, m) {
   m.impl("adamw8bit_step", &adamw8bit_step_cpu);
   m.impl("quantize_blockwise", &quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+  m.impl("quantize_fp8", &quantize_fp8_cpu);
+  m.impl("dequantize_fp8", &dequantize_fp8_cpu);
+  m.impl("swiglu_quant", &swiglu_quant_cpu);
+  m.impl("swiglu", &swiglu_cpu);
   m.impl("moe_route", &moe_route_cpu);
   m.impl("moe_permute", &moe_permute_cpu);
   m.impl("moe_unpermute", &moe_unpermute_cpu);

@@ -33,4 +33,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
 at::Tensor dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
                                 int64_t block_size);
 
+// FP8 quantisation of x [M, K] (or of silu(gate) * up for a [M, 2K] input when swiglu):
+// (x_fp8 [M, K], scale float32 of fp8_scale_shape(granularity)).
+std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, const Fp8QuantSizes& sizes, bool swiglu);
+at::Tensor dequantize_fp8(const at::Tensor& q, const at::Tensor& scale, const Fp8QuantSizes& sizes,
+                          at::ScalarType out_dtype);
+// silu(h[:, :K]) * h[:, K:] in float32, returned in h's dtype [M, K].
+at::Tensor swiglu(const at::Tensor& h);
+
 }  // namespace llama4::cpu

@@ -153,9 +153,7 @@ def dynamic_qmap(signed: bool) -> torch.Tensor:
     return qmap
 
 
-def quantize_blockwise(
-    x: torch.Tensor, qmap: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (any shape, n elements) -> (codes uint8 [n], absmax float32 [B]). Brute-force nearest code.
 
     absmax[b] = max |x| over block b; codes index the qmap entry nearest to x / absmax (ties to the
@@ -174,7 +172,9 @@ def quantize_blockwise(
     return codes.to(torch.uint8), absmax
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int
+) -> torch.Tensor:
     """codes uint8 [n], absmax float32 [B] -> float32 [n]: qmap[code] * absmax[block]."""
     n = codes.numel()
     block_of = torch.arange(n, device=codes.device) // block_size
@@ -207,3 +207,99 @@ def adamw_step(
     bc2 = 1 - beta2**step
     p = p - lr / bc1 * m / (v.sqrt() / bc2**0.5 + eps)
     return p, m, v
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 quantisation. Legend: M rows, K columns, G = ceil(K / 128) column blocks, F = K for SwiGLU.
+# ---------------------------------------------------------------------------------------------
+FP8_AMAX_FLOOR = 1e-12
+FP8_BLOCK = 128
+FP8_GRANULARITIES = ("tensor", "row", "block128")
+
+
+def fp8_group_amax(x_MK: torch.Tensor, granularity: str) -> torch.Tensor:
+    """max |x| per tensor ([]), row ([M]) or 1x128 block ([M, G]), float32; NaN propagates."""
+    a = x_MK.float().abs()
+    if granularity == "tensor":
+        return a.amax() if a.numel() else a.new_zeros(())
+    if granularity == "row":
+        return a.amax(1) if a.shape[1] else a.new_zeros(a.shape[0])
+    M, K = a.shape
+    G = -(-K // FP8_BLOCK)
+    padded = a.new_zeros(M, G * FP8_BLOCK)
+    padded[:, :K] = a
+    return padded.view(M, G, FP8_BLOCK).amax(-1)
+
+
+def fp8_expand_scale(scale: torch.Tensor, granularity: str, M: int, K: int) -> torch.Tensor:
+    """The scale of every element, [M, K]."""
+    if granularity == "tensor":
+        return scale.expand(M, K)
+    if granularity == "row":
+        return scale[:, None].expand(M, K)
+    return scale.repeat_interleave(FP8_BLOCK, dim=1)[:, :K]
+
+
+def quantize_fp8(
+    x_MK: torch.Tensor, granularity: str = "row", fp8_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x_fp8 [M, K], scale float32 [] / [M] / [M, G]).
+
+    scale = max(amax, 1e-12) / fp8_max (an all-zero group dequantises to exactly 0, never NaN);
+    x_fp8 = round_to_nearest_even(clamp(x / scale, -fp8_max, fp8_max)) (saturates, never overflows
+    to NaN); float32 maths throughout, so this is the bit-exact oracle of the kernels.
+    """
+    fp8_max = torch.finfo(fp8_dtype).max
+    M, K = x_MK.shape
+    scale = fp8_group_amax(x_MK, granularity).clamp_min(FP8_AMAX_FLOOR) / fp8_max
+    v = (x_MK.float() / fp8_expand_scale(scale, granularity, M, K)).clamp(-fp8_max, fp8_max)
+    return v.to(fp8_dtype), scale
+
+
+def dequantize_fp8(
+    x_fp8_MK: torch.Tensor, scale: torch.Tensor, granularity: str = "row", out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """x_fp8 * scale (broadcast per granularity), computed in float32, returned in out_dtype."""
+    M, K = x_fp8_MK.shape
+    return (x_fp8_MK.float() * fp8_expand_scale(scale, granularity, M, K)).to(out_dtype)
+
+
+def swiglu(h_M2F: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with gate = h[:, :F], up = h[:, F:], in float32 (as gate / (1 + exp(-gate)) * up)."""
+    gate, up = h_M2F.float().chunk(2, dim=1)
+    return gate / (1.0 + torch.exp(-gate)) * up
+
+
+def grouped_gemm(
+    x_MK: torch.Tensor,
+    w_ENK: torch.Tensor,
+    group_sizes_E: torch.Tensor,
+    *,
+    x_scale: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out [M, N] float64: rows [offset_e, offset_e + size_e) of x times w[e]^T, on dequantised inputs.
+
+    x_scale: [M] per row or [M, K/128] per block; w_scale: [E, N] per channel or [E, N/128, K/128]
+    per block. Rows past sum(group_sizes) are zero here (the op leaves them unwritten).
+    """
+    M, K = x_MK.shape
+    N = w_ENK.shape[1]
+    x = x_MK.double()
+    if x_scale is not None:
+        x = x * (
+            x_scale.double()[:, None] if x_scale.dim() == 1 else x_scale.double().repeat_interleave(FP8_BLOCK, 1)[:, :K]
+        )
+    w = w_ENK.double()
+    if w_scale is not None:
+        if w_scale.dim() == 2:
+            w = w * w_scale.double()[:, :, None]
+        else:
+            expanded = w_scale.double().repeat_interleave(FP8_BLOCK, 1).repeat_interleave(FP8_BLOCK, 2)
+            w = w * expanded[:, :N, :K]
+    out = torch.zeros(M, N, dtype=torch.float64, device=x_MK.device)
+    start = 0
+    for e, size in enumerate(group_sizes_E.tolist()):
+        out[start : start + size] = x[start : start + size] @ w[e].T
+        start += size
+    return out
