@@ -180,6 +180,8 @@ AdamWArgs check_adamw_args(const at::Tensor& param, const at::Tensor& grad, cons
   a.scalars.beta1 = static_cast<float>(beta1);
   a.scalars.beta2 = static_cast<float>(beta2);
   a.scalars.eps = static_cast<float>(eps);
+  a.scalars.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  a.scalars.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   a.scalars.decay = static_cast<float>(1.0 - lr * weight_decay);
   a.scalars.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, t)));
   a.scalars.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, t)));
@@ -283,6 +285,68 @@ Fp8QuantSizes check_fp8_dequant_args(const at::Tensor& q, const at::Tensor& scal
   TORCH_CHECK_TYPE(is_supported_float(out_dtype), op, ": out_dtype must be float32, float16 or bfloat16, got ",
                    out_dtype);
   return {q.size(0), q.size(1), g, kind};
+}
+
+GroupedGemmSizes check_grouped_gemm_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
+                                         const std::optional<at::Tensor>& x_scale,
+                                         const std::optional<at::Tensor>& w_scale, at::ScalarType out_dtype) {
+  constexpr const char* op = "grouped_gemm";
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 3, op, ": w must be 3-D [E, N, K], got shape ", w.sizes());
+  const bool fp8 = x.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK_TYPE(fp8 || x.scalar_type() == at::kBFloat16, op, ": x must be bfloat16 or float8_e4m3fn, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), op, ": w must have x's dtype ", x.scalar_type(), ", got ",
+                   w.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), E = w.size(0), N = w.size(1);
+  TORCH_CHECK_VALUE(w.size(2) == K, op, ": w must be [E, N, K] with K = ", K, " (x's columns), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(E >= 1, op, ": w must hold at least one expert, got shape ", w.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous() && w.is_contiguous(), op, ": x and w must be contiguous (K innermost)");
+  TORCH_CHECK_VALUE(group_sizes.dim() == 1 && group_sizes.size(0) == E, op, ": group_sizes must have shape [E] = [", E,
+                    "], got ", group_sizes.sizes());
+  TORCH_CHECK_TYPE(group_sizes.scalar_type() == at::kInt, op, ": group_sizes must be int32, got ",
+                   group_sizes.scalar_type());
+  TORCH_CHECK_VALUE(group_sizes.is_contiguous(), op, ": group_sizes must be contiguous");
+  for (const auto& [t, name] : {std::pair{&w, "w"}, std::pair{&group_sizes, "group_sizes"}}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ",
+                      t->device());
+  }
+  TORCH_CHECK_TYPE(out_dtype == at::kBFloat16 || (x.is_cpu() && out_dtype == at::kFloat), op,
+                   ": out_dtype must be bfloat16 (or float32 on CPU), got ", out_dtype);
+  bool block_scales = false;
+  if (!fp8) {
+    TORCH_CHECK_VALUE(!x_scale.has_value() && !w_scale.has_value(), op,
+                      ": x_scale and w_scale apply to float8 inputs only (x is bfloat16)");
+  } else {
+    TORCH_CHECK_VALUE(x_scale.has_value() && w_scale.has_value(), op,
+                      ": float8 inputs need x_scale ([M] or [M, ceil(K/128)]) and w_scale ([E, N] or "
+                      "[E, ceil(N/128), ceil(K/128)])");
+    const at::Tensor& xs = *x_scale;
+    const at::Tensor& ws = *w_scale;
+    const int64_t kb = (K + kernels::kQuantBlock - 1) / kernels::kQuantBlock;
+    const int64_t nb = (N + kernels::kQuantBlock - 1) / kernels::kQuantBlock;
+    block_scales = xs.dim() == 2;
+    if (block_scales) {
+      TORCH_CHECK_VALUE(xs.size(0) == M && xs.size(1) == kb, op,
+                        ": x_scale per 1x128 block must be [M, ceil(K/128)] = [", M, ", ", kb, "], got ", xs.sizes());
+      TORCH_CHECK_VALUE(ws.dim() == 3 && ws.size(0) == E && ws.size(1) == nb && ws.size(2) == kb, op,
+                        ": with block x_scale, w_scale must be per 128x128 block [E, ceil(N/128), ceil(K/128)] = [", E,
+                        ", ", nb, ", ", kb, "], got ", ws.sizes());
+    } else {
+      TORCH_CHECK_VALUE(xs.dim() == 1 && xs.size(0) == M, op, ": x_scale per row must be [M] = [", M, "], got ",
+                        xs.sizes());
+      TORCH_CHECK_VALUE(ws.dim() == 2 && ws.size(0) == E && ws.size(1) == N, op,
+                        ": with per-row x_scale, w_scale must be per expert and channel [E, N] = [", E, ", ", N,
+                        "], got ", ws.sizes());
+    }
+    for (const auto& [t, name] : {std::pair{&xs, "x_scale"}, std::pair{&ws, "w_scale"}}) {
+      TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+      TORCH_CHECK_VALUE(t->is_contiguous(), op, ": ", name, " must be contiguous");
+      TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ",
+                        t->device());
+    }
+  }
+  return {M, N, K, E, fp8, block_scales};
 }
 
 }  // namespace llama4

@@ -86,4 +86,15 @@ Fp8QuantSizes check_fp8_dequant_args(const at::Tensor& q, const at::Tensor& scal
 // h [M, 2K] float32/float16/bfloat16 with unit column stride.
 void check_swiglu_args(const char* op, const at::Tensor& h);
 
+// A validated grouped GEMM: x [M, K], w [E, N, K], group_sizes int32 [E], optional FP8 scales.
+struct GroupedGemmSizes {
+  int64_t M, N, K, E;
+  bool fp8;
+  bool block_scales;  // x_scale [M, ceil(K/128)] and w_scale [E, ceil(N/128), ceil(K/128)]; else [M] and [E, N]
+};
+
+GroupedGemmSizes check_grouped_gemm_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
+                                         const std::optional<at::Tensor>& x_scale,
+                                         const std::optional<at::Tensor>& w_scale, at::ScalarType out_dtype);
+
 }  // namespace llama4

@@ -74,6 +74,14 @@ at::Tensor swiglu_cpu(const at::Tensor& h) {
   return cpu::swiglu(h);
 }
 
+at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
+                            const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
+                            std::optional<at::ScalarType> out_dtype) {
+  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
+  const GroupedGemmSizes sz = check_grouped_gemm_args(x, w, group_sizes, x_scale, w_scale, dtype);
+  return cpu::grouped_gemm(x, w, group_sizes, x_scale, w_scale, sz, dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama4, m) {
@@ -102,6 +110,12 @@ TORCH_LIBRARY(llama4, m) {
   // silu(h[:, :F]) * h[:, F:] of h [M, 2F] fused with FP8 quantisation (one pass), and the plain variant.
   m.def("swiglu_quant(Tensor h, str granularity, ScalarType fp8_dtype) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor h) -> Tensor");
+  // Grouped expert GEMM: rows of x [M, K] sorted by expert, group e owns rows [offset_e, offset_e + group_sizes[e]);
+  // out [M, N] = x_e @ w[e]^T (w [E, N, K]); FP8 scales per row/channel or per 1x128 / 128x128 block. Rows past
+  // sum(group_sizes) are neither read into the result nor written. out_dtype None means bfloat16.
+  m.def(
+      "grouped_gemm(Tensor x, Tensor w, Tensor group_sizes, Tensor? x_scale=None, Tensor? w_scale=None, "
+      "ScalarType? out_dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama4, CPU, m) {
@@ -112,6 +126,7 @@ TORCH_LIBRARY_IMPL(llama4, CPU, m) {
   m.impl("dequantize_fp8", &dequantize_fp8_cpu);
   m.impl("swiglu_quant", &swiglu_quant_cpu);
   m.impl("swiglu", &swiglu_cpu);
+  m.impl("grouped_gemm", &grouped_gemm_cpu);
   m.impl("moe_route", &moe_route_cpu);
   m.impl("moe_permute", &moe_permute_cpu);
   m.impl("moe_unpermute", &moe_unpermute_cpu);

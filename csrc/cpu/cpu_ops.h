@@ -41,4 +41,10 @@ at::Tensor dequantize_fp8(const at::Tensor& q, const at::Tensor& scale, const Fp
 // silu(h[:, :K]) * h[:, K:] in float32, returned in h's dtype [M, K].
 at::Tensor swiglu(const at::Tensor& h);
 
+// out [M, N] = x[rows of group e] @ w[e]^T on dequantised inputs (float32 accumulation); rows past
+// sum(group_sizes) are left unwritten.
+at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
+                        const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
+                        const GroupedGemmSizes& sizes, at::ScalarType out_dtype);
+
 }  // namespace llama4::cpu

@@ -129,12 +129,10 @@ __global__ void __launch_bounds__(kThreads) adamw8bit_step_kernel(const AdamW8bi
     }
     const float absmax_m = warp_absmax(local_m);
     const float absmax_v = warp_absmax(local_v);
-    const float inv_m = absmax_m > 0.0f ? 1.0f / absmax_m : 0.0f;
-    const float inv_v = absmax_v > 0.0f ? 1.0f / absmax_v : 0.0f;
 #pragma unroll
     for (int j = 0; j < I; ++j) {
-      qm[j] = static_cast<uint8_t>(adamw::quantize_nearest(qmap_s, m[j] * inv_m));
-      qv[j] = static_cast<uint8_t>(adamw::quantize_nearest(qmap_u, v[j] * inv_v));
+      qm[j] = static_cast<uint8_t>(adamw::quantize_nearest(qmap_s, adamw::normalise(m[j], absmax_m)));
+      qv[j] = static_cast<uint8_t>(adamw::quantize_nearest(qmap_u, adamw::normalise(v[j], absmax_v)));
     }
     store_run<I>(param, first, p.numel, vector_ok, p_raw);
     store_run<I>(codes_m, first, p.numel, vector_ok, qm);
@@ -197,10 +195,10 @@ __global__ void __launch_bounds__(kThreads) quantize_blockwise_kernel(const Bloc
       if (first + j < p.numel) local = adamw::nan_max(local, fabsf(xf[j]));
     }
     const float absmax = warp_absmax(local);
-    const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
     uint8_t q[I];
 #pragma unroll
-    for (int j = 0; j < I; ++j) q[j] = static_cast<uint8_t>(adamw::quantize_nearest(qmap, xf[j] * inv));
+    for (int j = 0; j < I; ++j)
+      q[j] = static_cast<uint8_t>(adamw::quantize_nearest(qmap, adamw::normalise(xf[j], absmax)));
     store_run<I>(p.codes, first, p.numel, vector_ok, q);
     if (lane == 0) p.absmax[blk] = absmax;
   }

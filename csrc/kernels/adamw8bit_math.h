@@ -16,6 +16,13 @@ namespace llama4::kernels::adamw {
 // Entries of a quantisation map (a sorted table of 256 float32 values in [-1, 1] or [0, 1]).
 inline constexpr int kQmapSize = 256;
 
+// Final step of the nearest-code search: from idx = the largest entry <= x (or 0 when none is),
+// step to idx + 1 if that entry is strictly nearer (ties stay on the lower entry).
+LLAMA4_HD int nearest_from_lower(const float* qmap, int idx, float x) {
+  const int next = idx + static_cast<int>(idx + 1 < kQmapSize);
+  return idx + static_cast<int>(next != idx && (qmap[next] - x) < (x - qmap[idx]));
+}
+
 // Index of the map entry nearest to x (ties to the lower entry; NaN maps to 0). `qmap` is sorted
 // ascending. Eight compare-and-step rounds of a branchless binary search, then one neighbour test.
 LLAMA4_HD int quantize_nearest(const float* qmap, float x) {
@@ -23,9 +30,13 @@ LLAMA4_HD int quantize_nearest(const float* qmap, float x) {
   for (int step = kQmapSize / 2; step > 0; step /= 2) {
     idx += step * static_cast<int>(qmap[idx + step] <= x);  // arithmetic, not a branch: no mispredicts
   }
-  const int next = idx + static_cast<int>(idx + 1 < kQmapSize);
-  idx += static_cast<int>(next != idx && (qmap[next] - x) < (x - qmap[idx]));
-  return idx;
+  return nearest_from_lower(qmap, idx, x);
+}
+
+// x / absmax for the code search: exact division (a reciprocal of a subnormal absmax overflows),
+// and an all-zero block normalises to 0.
+LLAMA4_HD float normalise(float x, float absmax) {
+  return absmax > 0.0f ? x / absmax : 0.0f;
 }
 
 // max(a, b) that keeps a NaN once seen (fmaxf drops it), so a poisoned block stays visible.
@@ -39,7 +50,9 @@ struct StepScalars {
   float beta1;
   float beta2;
   float eps;
-  float decay;         // 1 - lr * weight_decay (decoupled weight decay)
+  float decay;            // 1 - lr * weight_decay (decoupled weight decay)
+  float one_minus_beta1;  // 1 - beta1 rounded once from double (1 - float(beta) loses ~100 ulps)
+  float one_minus_beta2;
   float step_size;     // lr / (1 - beta1^step)
   float inv_bc2_sqrt;  // 1 / sqrt(1 - beta2^step)
 };
@@ -47,8 +60,8 @@ struct StepScalars {
 // One AdamW update (torch.optim.AdamW's order: decay, moments, bias-corrected step) in float32.
 LLAMA4_HD void adamw_update(const StepScalars& s, float grad, float& param, float& exp_avg, float& exp_avg_sq) {
   param *= s.decay;
-  exp_avg = s.beta1 * exp_avg + (1.0f - s.beta1) * grad;
-  exp_avg_sq = s.beta2 * exp_avg_sq + (1.0f - s.beta2) * (grad * grad);
+  exp_avg = s.beta1 * exp_avg + s.one_minus_beta1 * grad;
+  exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (grad * grad);
 #if defined(__CUDA_ARCH__)
   const float root = sqrtf(exp_avg_sq);
 #else

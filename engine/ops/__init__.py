@@ -6,6 +6,7 @@ schema, CPU and CUDA kernels, a fake kernel for torch.compile and an autograd fo
 from engine.ops import reference
 from engine.ops._library import build_info
 from engine.ops.fp8 import dequantize_fp8, quantize_fp8, swiglu, swiglu_quant
+from engine.ops.grouped_gemm import grouped_gemm
 from engine.ops.optim_ops import dequantize_blockwise, dynamic_qmap, quantize_blockwise
 from engine.ops.reference import RouteResult
 from engine.ops.routing import moe_permute, moe_route, moe_unpermute
@@ -16,6 +17,7 @@ __all__ = [
     "dequantize_blockwise",
     "dequantize_fp8",
     "dynamic_qmap",
+    "grouped_gemm",
     "moe_permute",
     "moe_route",
     "moe_unpermute",
