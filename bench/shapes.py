@@ -64,3 +64,159 @@ ROUTE_TEST = [
     RouteShape(3000, 128, 4, 8),  # T*K > the single-launch limit on CUDA
     RouteShape(517, 1024, 8, 8),  # the largest E the CUDA router supports
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 quantisation and the grouped expert GEMM. Legend: M rows (routed rows for the GEMM), K columns
+# (GEMM depth), N GEMM outputs, E experts.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantShape:
+    """One quantisation problem: x [M, K] (swiglu_quant reads h [M, 2K])."""
+
+    rows: int  # M
+    cols: int  # K
+
+    @property
+    def id(self) -> str:
+        return f"M{self.rows}-K{self.cols}"
+
+
+# Correctness sweep: one element, K below / above / not a multiple of 128, M = 1, odd M, a model width.
+FP8_QUANT_TEST = [
+    QuantShape(1, 1),
+    QuantShape(1, 128),
+    QuantShape(3, 127),
+    QuantShape(17, 300),
+    QuantShape(64, 1024),
+    QuantShape(130, 129),
+    QuantShape(4, 5120),
+]
+# Memory-bound targets (>= 80 % of the copy ceiling): a prefill's worth of expert activations.
+FP8_QUANT_BENCH = [QuantShape(16384, 8192)]
+FP8_QUANT_BENCH_CPU = [QuantShape(512, 1024)]
+
+
+@dataclass(frozen=True)
+class GroupedGemmShape:
+    """One grouped GEMM: x [M, K] (rows sorted by expert) times w [E, N, K] -> out [M, N]."""
+
+    name: str  # which projection, for the benchmark's id
+    experts: int  # E
+    rows: int  # M
+    n: int  # N
+    k: int  # K
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-E{self.experts}-M{self.rows}-N{self.n}-K{self.k}"
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.rows * self.n * self.k
+
+
+def _expert_gemms(model: ModelShape, rows: int) -> list[GroupedGemmShape]:
+    """The two grouped GEMMs of a model's experts: gate_up (N = 2F, K = D) and down (N = D, K = F)."""
+    E, D, F = model.n_experts, model.d_model, model.d_ff
+    return [
+        GroupedGemmShape(f"{model.name}-gate_up", E, rows, 2 * F, D),
+        GroupedGemmShape(f"{model.name}-down", E, rows, D, F),
+    ]
+
+
+# Prefill / training targets: FP8 >= 1300 TFLOP/s and >= 1.5x torch._scaled_grouped_mm, BF16 >= 1.1x
+# torch._grouped_mm. Scout at 16384 routed rows, Maverick at 16384 and 65536.
+GROUPED_GEMM_PREFILL = [
+    *_expert_gemms(SCOUT, 16384),
+    *_expert_gemms(MAVERICK, 16384),
+    *_expert_gemms(MAVERICK, 65536),
+]
+# Decode (top-1, M <= 256 routed rows): memory-bound on the weights of the experts that got rows.
+GROUPED_GEMM_DECODE = [s for model in (SCOUT, MAVERICK) for rows in (32, 256) for s in _expert_gemms(model, rows)]
+# CPU benchmarks: small and fast (the reference is the baseline there).
+GROUPED_GEMM_BENCH_CPU = [GroupedGemmShape("small", 4, 512, 256, 256)]
+
+# Correctness: the issue's group sizes (two empty experts, odd sizes, M = 3268 not a multiple of 16), with
+# N and K multiples of 16 (the CUDA FP8 alignment) but not of 128 (partial scale blocks, partial tiles).
+GROUPED_GEMM_ISSUE_GROUP_SIZES = (162, 0, 2577, 446, 0, 83)
+GROUPED_GEMM_TEST_N, GROUPED_GEMM_TEST_K = 96, 160
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse-global attention (prefill forward). Legend: B batch, S query positions, Sk key positions,
+# H query heads, G kv heads, D head dim.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionShape:
+    """One attention problem: q [B, S, H, D], k / v [B, Sk, G, D] (queries aligned to the end of the keys)."""
+
+    batch: int  # B
+    seqlen_q: int  # S
+    seqlen_k: int  # Sk
+    heads: int  # H
+    kv_heads: int  # G
+    head_dim: int  # D
+
+    @property
+    def id(self) -> str:
+        return f"B{self.batch}-S{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-G{self.kv_heads}-D{self.head_dim}"
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """A visibility rule of engine.ops.sparse_attention (None / 0: that part off)."""
+
+    name: str
+    causal: bool = True
+    window: int | None = None
+    chunk: int | None = None
+    global_stride: int | None = None
+    sinks: int = 0
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(
+            causal=self.causal,
+            window=self.window,
+            chunk=self.chunk,
+            global_stride=self.global_stride,
+            sinks=self.sinks,
+        )
+
+
+# Correctness sweep: one token, GQA 1 / 5 / 8 and Scout's 40/8, head dims 64 / 128, odd sizes, S < Sk (queries
+# continuing a cached prefix), S > Sk (the first rows see no key), one query over many keys.
+ATTENTION_TEST = [
+    AttentionShape(1, 1, 1, 1, 1, 64),
+    AttentionShape(2, 157, 157, 4, 2, 64),
+    AttentionShape(1, 77, 77, 5, 1, 64),  # GQA 5
+    AttentionShape(1, 130, 130, 8, 1, 128),  # GQA 8
+    AttentionShape(2, 64, 64, 4, 4, 128),  # GQA 1
+    AttentionShape(1, 100, 100, 40, 8, 128),  # Scout / Maverick heads
+    AttentionShape(1, 5, 40, 2, 1, 64),  # S < Sk
+    AttentionShape(1, 40, 5, 2, 1, 64),  # S > Sk
+    AttentionShape(3, 1, 300, 4, 2, 64),  # one query at the end of 300 keys
+    AttentionShape(1, 300, 300, 2, 1, 128),
+    AttentionShape(1, 129, 129, 2, 2, 64),
+]
+# CUDA only (the CPU suite stays fast): sizes around the kernel's tiles.
+ATTENTION_TEST_CUDA = [
+    AttentionShape(1, 1023, 1023, 4, 2, 128),
+    AttentionShape(1, 1024, 1024, 4, 2, 64),
+    AttentionShape(2, 113, 113, 4, 1, 128),
+    AttentionShape(1, 384, 1000, 4, 2, 128),
+]
+
+# Benchmarks (CUDA): plain causal at 16K with Scout's heads (target >= 550 TFLOP/s), and the local patterns
+# at 32K / 128K / 512K (target >= 500 TFLOP/s on the work done and >= 1.5x FlexAttention; linear in S).
+ATTENTION_BENCH_CAUSAL = AttentionShape(1, 16384, 16384, 40, 8, 128)
+ATTENTION_BENCH_LOCAL_SEQLENS = (32768, 131072, 524288)
+ATTENTION_BENCH_LOCAL_HEADS = (40, 8, 128)  # H, G, D: Scout
+ATTENTION_BENCH_LOCAL_PATTERNS = [
+    AttentionPattern("window4096", window=4096),
+    AttentionPattern("chunk8192", chunk=8192),
+]
+# CPU benchmarks: small and fast (a dense masked torch attention is the baseline there).
+ATTENTION_BENCH_CPU = AttentionShape(1, 4096, 4096, 2, 1, 64)
+ATTENTION_BENCH_CPU_PATTERNS = [AttentionPattern("causal"), AttentionPattern("window256", window=256)]

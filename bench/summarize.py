@@ -39,6 +39,14 @@ def targets(info: dict) -> list[tuple[str, bool]]:
         out.append((f"{label}<={info['target_us']:g}", measured <= info["target_us"]))
     if "target_speedup" in info and "speedup" in info:
         out.append((f"x{info['target_speedup']:g}", info["speedup"] >= info["target_speedup"]))
+    # Floors on achieved rates: (target key, measured key, label).
+    for target_key, measured_key, label in (
+        ("target_tflops", "tflops", "TF/s"),
+        ("target_gbps", "gbps", "GB/s"),
+        ("target_pct_of_ceiling", "pct_of_ceiling", "%ceil"),
+    ):
+        if target_key in info and measured_key in info:
+            out.append((f"{label}>={info[target_key]:g}", info[measured_key] >= info[target_key]))
     return out
 
 

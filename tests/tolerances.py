@@ -156,3 +156,78 @@ def assert_attention_close(
     error = (out.double() - out_ref64.double()).abs().max().item()
     allowed = attention_tolerance(out_torch_lowp, out_ref64, dtype)
     assert error <= allowed, f"attention error {error:.3e} > allowed {allowed:.3e}"
+
+
+# Float32 inputs (CPU only). Reason: FlashAttention's rule is made for half dtypes, where the plain torch
+# attention rounds its scores and probabilities to the dtype. In float32 the plain implementation is as
+# exact as a kernel's own float32 accumulation, and the ratio of the two errors depends only on the order
+# of the sums (a sequential D-term dot product vs a blocked BLAS one: measured 2.01x at D = 256), not on a
+# defect. So float32 adds a floor of 1e-5 (~80 float32 ulps of an O(1) output); any shortcut through a
+# half dtype costs >= 1e-3 and still fails.
+ATTENTION_FP32_FLOOR = 1e-5
+
+
+def sparse_attention_tolerance(out_torch_lowp: torch.Tensor, out_ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """attention_tolerance, plus ATTENTION_FP32_FLOOR for float32 inputs."""
+    floor = ATTENTION_FP32_FLOOR if dtype == torch.float32 else 0.0
+    return attention_tolerance(out_torch_lowp, out_ref64, dtype) + floor
+
+
+def assert_sparse_attention_close(
+    out: torch.Tensor, out_torch_lowp: torch.Tensor, out_ref64: torch.Tensor, dtype: torch.dtype
+) -> None:
+    error = (out.double() - out_ref64.double()).abs().max().item()
+    allowed = sparse_attention_tolerance(out_torch_lowp, out_ref64, dtype)
+    assert error <= allowed, f"attention error {error:.3e} > allowed {allowed:.3e}"
+
+
+# The log-sum-exp (lse, float32) of float32 inputs, against float64. Reason: the kernel forms each score
+# as a float32 dot product of D terms and sums the exponentials in float32/float64, so lse = max + log(sum)
+# carries a few float32 ulps of the scores: 1e-5 relative; the absolute part covers an lse near 0, where
+# the absolute float32 error of a score (~sqrt(D) ulps of sum_d |q_d k_d| * scale) is what remains.
+# Half-precision inputs: the attention rule above, applied to the lse.
+ATTENTION_LSE_TOL_FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 quantisation (quantize_fp8, dequantize_fp8) and SwiGLU (swiglu, swiglu_quant).
+# --------------------------------------------------------------------------------------------
+# quantize_fp8 and dequantize_fp8 are bit-exact against the reference (the same float32 division,
+# saturation and round-to-nearest-even cast): no tolerance.
+#
+# swiglu: gate / (1 + exp(-gate)) * up in float32. Reason: the kernel's exp (expf, CUDA's expf) and
+# torch's vectorised exp may differ by one ulp; with the addition, the division and the product that
+# is a few float32 ulps, and 1e-6 (~8 ulps) catches any other formula. A result in float16/bfloat16
+# is then rounded once more: the two float32 values may straddle a rounding boundary (one ulp of dtype).
+SWIGLU_RTOL_FP32 = 1e-6
+
+
+def swiglu_tol(dtype: torch.dtype) -> dict:
+    """assert_close kwargs for swiglu's output in `dtype` against reference.swiglu rounded to `dtype`."""
+    return dict(rtol=max(SWIGLU_RTOL_FP32, eps(dtype)), atol=smallest_subnormal(dtype))
+
+
+# swiglu_quant against quantize_fp8(reference.swiglu(h)): the same maths except that exp rounding.
+# Reason: a one-ulp difference in a float32 value (or in the group's amax, hence its scale) moves an
+# fp8 code only when the value sits within ulps of a rounding midpoint between two codes, a chance of
+# ~2^-19 per element; so codes may differ by one step, in at most this fraction of elements (a wrong
+# formula, a bf16 intermediate or a wrong scale moves many percent of the codes).
+SWIGLU_QUANT_MAX_CODE_STEPS = 1
+SWIGLU_QUANT_MAX_MISMATCH_FRACTION = 1e-3
+# Scales come from the amax of such values: a few float32 ulps apart at most.
+SWIGLU_QUANT_SCALE_RTOL = 4 * FP32_EPS
+
+
+def fp8_rounding_bound(ref: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """Largest |dequantised - ref| of one fp8 rounding, element-wise: one fp8 ulp relative to |ref| in
+    the normal range (eps: 2^-3 for e4m3, 2^-2 for e5m2; round to nearest needs half of it) plus one
+    subnormal step of the element's scale (where eps * |v| no longer bounds an ulp).
+    scale: the scale of each element (broadcastable to ref)."""
+    return eps(fp8_dtype) * ref.abs() + smallest_subnormal(fp8_dtype) * scale
+
+
+# Per-row vs block128 on rows with a few huge outliers (1e5 x the rest, "massive activations"): with
+# a per-row scale the ordinary values of the row fall into e4m3's subnormals; block128 confines that
+# to the outlier's own block. Measured on the test's data the block128 mean relative error is ~0.3x the
+# per-row one; we require it to be below half.
+BLOCK128_VS_ROW_MAX_ERROR_RATIO = 0.5

@@ -349,4 +349,70 @@ GroupedGemmSizes check_grouped_gemm_args(const at::Tensor& x, const at::Tensor& 
   return {M, N, K, E, fp8, block_scales};
 }
 
+AttentionSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const std::optional<at::Tensor>& cu_seqlens_q,
+                                    const std::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t window,
+                                    int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale) {
+  constexpr const char* op = "sparse_attention";
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name, " must be 4-D [B, S, heads, D], got shape ", t->sizes());
+    TORCH_CHECK_TYPE(is_supported_float(t->scalar_type()), op, ": ", name,
+                     " must be bfloat16, float16 or float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->stride(3) == 1, op, ": ", name, " must have unit stride along D, got strides ", t->strides());
+    TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ",
+                      t->device());
+  }
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Sk = k.size(1), G = k.size(2);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, op, ": k must be [B = ", B, ", Sk, G, D = ", D, "], got ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(D >= 1 && H >= 1 && G >= 1, op, ": heads and head_dim must be >= 1");
+  TORCH_CHECK_VALUE(H % G == 0, op, ": the GQA ratio must be integral: q heads H = ", H,
+                    " is not a multiple of kv heads G = ", G);
+  TORCH_CHECK_VALUE(window >= 0 && chunk >= 0 && global_stride >= 0 && sinks >= 0, op,
+                    ": window, chunk, global_stride and sinks must be >= 0 (0 or None: off), got ", window, ", ", chunk,
+                    ", ", global_stride, ", ", sinks);
+  for (const int64_t x : {window, chunk, global_stride, sinks}) {
+    TORCH_CHECK_VALUE(x <= std::numeric_limits<int32_t>::max(), op, ": mask sizes must fit int32, got ", x);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0.0, op,
+                    ": softmax_scale must be finite and > 0, got ", softmax_scale);
+  TORCH_CHECK_VALUE(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), op,
+                    ": pass both cu_seqlens_q and cu_seqlens_k, or neither");
+  int64_t num_seqs = 0;
+  if (cu_seqlens_q.has_value()) {
+    TORCH_CHECK_VALUE(B == 1, op, ": with cu_seqlens, q/k/v pack the sequences along S with B = 1, got B = ", B);
+    for (const auto& [t, name] :
+         {std::pair{&*cu_seqlens_q, "cu_seqlens_q"}, std::pair{&*cu_seqlens_k, "cu_seqlens_k"}}) {
+      TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t->scalar_type());
+      TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 1 && t->is_contiguous(), op, ": ", name,
+                        " must be a contiguous 1-D [num_seqs + 1] tensor, got shape ", t->sizes());
+      TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), ", got ", t->device());
+    }
+    TORCH_CHECK_VALUE(cu_seqlens_q->size(0) == cu_seqlens_k->size(0), op,
+                      ": cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q->size(0), " and ",
+                      cu_seqlens_k->size(0));
+    num_seqs = cu_seqlens_q->size(0) - 1;
+    if (q.is_cpu()) {  // on a GPU these values stay on the device (no host sync): the kernel trusts them
+      const int32_t* cq = cu_seqlens_q->data_ptr<int32_t>();
+      const int32_t* ck = cu_seqlens_k->data_ptr<int32_t>();
+      TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0, op, ": cu_seqlens must start at 0");
+      for (int64_t s = 0; s < num_seqs; ++s) {
+        TORCH_CHECK_VALUE(cq[s + 1] >= cq[s] && ck[s + 1] >= ck[s], op,
+                          ": cu_seqlens must be non-decreasing (sequence ", s, ")");
+      }
+      TORCH_CHECK_VALUE(cq[num_seqs] == S && ck[num_seqs] == Sk, op, ": cu_seqlens_q must end at S = ", S,
+                        " and cu_seqlens_k at Sk = ", Sk, ", got ", cq[num_seqs], " and ", ck[num_seqs]);
+    }
+  }
+  const kernels::AttentionMask mask{causal, static_cast<int32_t>(window), static_cast<int32_t>(chunk),
+                                    static_cast<int32_t>(global_stride), static_cast<int32_t>(sinks)};
+  return {B, S, Sk, H, G, D, num_seqs, mask};
+}
+
 }  // namespace llama4

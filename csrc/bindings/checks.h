@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/adamw8bit_math.h"
+#include "kernels/attention_mask.h"
 #include "kernels/fp8_math.h"
 
 namespace llama4 {
@@ -96,5 +97,18 @@ struct GroupedGemmSizes {
 GroupedGemmSizes check_grouped_gemm_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
                                          const std::optional<at::Tensor>& x_scale,
                                          const std::optional<at::Tensor>& w_scale, at::ScalarType out_dtype);
+
+// A validated sparse-global attention call. Dense: q [B, S, H, D], k/v [B, Sk, G, D]. Varlen: B = 1,
+// cu_seqlens_q / cu_seqlens_k int32 [num_seqs + 1].
+struct AttentionSizes {
+  int64_t batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim;
+  int64_t num_seqs;  // 0 when dense
+  kernels::AttentionMask mask;
+};
+
+AttentionSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const std::optional<at::Tensor>& cu_seqlens_q,
+                                    const std::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t window,
+                                    int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale);
 
 }  // namespace llama4

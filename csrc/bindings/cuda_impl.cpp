@@ -8,6 +8,7 @@
 #include "bindings/checks.h"
 #include "kernels/adamw8bit.h"
 #include "kernels/fp8_quant.h"
+#include "kernels/grouped_gemm.h"
 #include "kernels/moe_permute.h"
 #include "kernels/route_topk.h"
 
@@ -239,9 +240,50 @@ at::Tensor swiglu_cuda(const at::Tensor& h) {
   return out;
 }
 
+at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
+                             const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
+                             std::optional<at::ScalarType> out_dtype) {
+  constexpr const char* op = "grouped_gemm";
+  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
+  const GroupedGemmSizes sz = check_grouped_gemm_args(x, w, group_sizes, x_scale, w_scale, dtype);
+  check_cuda(x, op, "x");
+  const int64_t align = sz.fp8 ? kernels::kGroupedGemmAlignFp8 : kernels::kGroupedGemmAlignBf16;
+  TORCH_CHECK_VALUE(sz.K % align == 0 && sz.N % align == 0, op, ": on CUDA, K and N must be multiples of ", align,
+                    " for ", sz.fp8 ? "float8" : "bfloat16", " inputs (TMA moves 16-byte rows), got K = ", sz.K,
+                    ", N = ", sz.N);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({sz.M, sz.N}, x.options().dtype(dtype));
+  if (sz.M == 0 || sz.N == 0) return out;
+  if (sz.K == 0) return out.zero_();  // an empty reduction: every owned row is 0 (unowned rows may be too)
+  const kernels::GemmInput input = sz.fp8 ? kernels::GemmInput::kFloat8E4M3 : kernels::GemmInput::kBFloat16;
+  const kernels::ScaleKind kind = !sz.fp8           ? kernels::ScaleKind::kNone
+                                  : sz.block_scales ? kernels::ScaleKind::kBlock128
+                                                    : kernels::ScaleKind::kRowAndChannel;
+  const size_t ws_bytes =
+      kernels::grouped_gemm_workspace_bytes(static_cast<int32_t>(sz.E), sz.M, sz.N, sz.K, input, kind);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+  kernels::GroupedGemmParams p{};
+  p.x = x.data_ptr();
+  p.w = w.data_ptr();
+  p.group_sizes = group_sizes.data_ptr<int32_t>();
+  p.M = sz.M;
+  p.N = sz.N;
+  p.K = sz.K;
+  p.E = static_cast<int32_t>(sz.E);
+  p.input = input;
+  p.scale_kind = kind;
+  p.x_scale = sz.fp8 ? x_scale->data_ptr<float>() : nullptr;
+  p.w_scale = sz.fp8 ? w_scale->data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  p.workspace = ws_bytes ? workspace.data_ptr() : nullptr;
+  check_launch(kernels::grouped_gemm(p, c10::cuda::getCurrentCUDAStream()), op);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama4, CUDA, m) {
+  m.impl("grouped_gemm", &grouped_gemm_cuda);
   m.impl("quantize_fp8", &quantize_fp8_cuda);
   m.impl("dequantize_fp8", &dequantize_fp8_cuda);
   m.impl("swiglu_quant", &swiglu_quant_cuda);

@@ -82,6 +82,17 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   return cpu::grouped_gemm(x, w, group_sizes, x_scale, w_scale, sz, dtype);
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const std::optional<at::Tensor>& cu_seqlens_q,
+                                                            const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
+                                                            int64_t window, int64_t chunk, int64_t global_stride,
+                                                            int64_t sinks, double softmax_scale) {
+  const AttentionSizes sz = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, chunk,
+                                                 global_stride, sinks, softmax_scale);
+  return cpu::sparse_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, sz, softmax_scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama4, m) {
@@ -116,6 +127,12 @@ TORCH_LIBRARY(llama4, m) {
   m.def(
       "grouped_gemm(Tensor x, Tensor w, Tensor group_sizes, Tensor? x_scale=None, Tensor? w_scale=None, "
       "ScalarType? out_dtype=None) -> Tensor");
+  // Sparse-global attention forward: q [B, S, H, D], k/v [B, Sk, G, D] -> (out [B, S, H, D], lse [B, H, S] f32).
+  // Key j visible to query i (bottom-right aligned positions): j <= i if causal, and, when any pattern is > 0,
+  // i - j < window or j // chunk == i // chunk or j % global_stride == 0 or j < sinks. 0 disables a pattern.
+  m.def(
+      "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, bool causal, "
+      "int window, int chunk, int global_stride, int sinks, float softmax_scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llama4, CPU, m) {
@@ -127,6 +144,7 @@ TORCH_LIBRARY_IMPL(llama4, CPU, m) {
   m.impl("swiglu_quant", &swiglu_quant_cpu);
   m.impl("swiglu", &swiglu_cpu);
   m.impl("grouped_gemm", &grouped_gemm_cpu);
+  m.impl("sparse_attention_fwd", &sparse_attention_fwd_cpu);
   m.impl("moe_route", &moe_route_cpu);
   m.impl("moe_permute", &moe_permute_cpu);
   m.impl("moe_unpermute", &moe_unpermute_cpu);

@@ -47,4 +47,11 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
                         const GroupedGemmSizes& sizes, at::ScalarType out_dtype);
 
+// Sparse-global attention forward: (out [B, S, H, D] in q's dtype, lse [B, H, S] float32). Each query
+// visits only its visible keys (window / chunk ranges, strided global keys, sinks): O(S x visible).
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const std::optional<at::Tensor>& cu_seqlens_q,
+                                                        const std::optional<at::Tensor>& cu_seqlens_k,
+                                                        const AttentionSizes& sizes, double softmax_scale);
+
 }  // namespace llama4::cpu

@@ -303,3 +303,91 @@ def grouped_gemm(
         out[start : start + size] = x[start : start + size] @ w[e].T
         start += size
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse-global attention. Legend: B batch, S queries, Sk keys, H query heads, G kv heads, D head dim.
+# ---------------------------------------------------------------------------------------------
+def attention_visible(
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    chunk: int | None = None,
+    global_stride: int | None = None,
+    sinks: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Boolean [S, Sk]: may query row r (at position r + Sk - S) see key position j?
+
+    j <= i when causal, and, when any pattern is set, at least one of: i - j < window;
+    j // chunk == i // chunk; j % global_stride == 0; j < sinks. No pattern: plain causal (or full).
+    """
+    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    visible = (j <= i) if causal else torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if window or chunk or global_stride or sinks:
+        pattern = torch.zeros_like(visible)
+        if window:
+            pattern |= (i - j) < window
+        if chunk:
+            pattern |= (j // chunk) == (i // chunk)
+        if global_stride:
+            pattern |= (j % global_stride) == 0
+        if sinks:
+            pattern |= j < sinks
+        visible = visible & pattern
+    return visible
+
+
+def sparse_attention(
+    q_BSHD: torch.Tensor,
+    k_BSGD: torch.Tensor,
+    v_BSGD: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    chunk: int | None = None,
+    global_stride: int | None = None,
+    sinks: int = 0,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense float64 attention with the explicit mask: (out [B, S, H, D] float64, lse [B, H, S] float64).
+
+    out = softmax(scale * q k^T + mask) v per head (kv head h // (H // G)); a row with no visible
+    key has out = 0 and lse = -inf. With cu_seqlens (B = 1) each packed sequence starts at 0.
+    """
+    B, S, H, D = q_BSHD.shape
+    G = k_BSGD.shape[2]
+    scale = softmax_scale if softmax_scale is not None else D**-0.5
+    if cu_seqlens_q is None:
+        spans = [(b, 0, S, 0, k_BSGD.shape[1]) for b in range(B)]
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        spans = [(0, cq[s], cq[s + 1], ck[s], ck[s + 1]) for s in range(len(cq) - 1)]
+    out = torch.zeros(B, S, H, D, dtype=torch.float64, device=q_BSHD.device)
+    lse = torch.full((B, H, S), float("-inf"), dtype=torch.float64, device=q_BSHD.device)
+    for b, q0, q1, k0, k1 in spans:
+        visible = attention_visible(
+            q1 - q0,
+            k1 - k0,
+            causal=causal,
+            window=window,
+            chunk=chunk,
+            global_stride=global_stride,
+            sinks=sinks,
+            device=q_BSHD.device,
+        )
+        q = q_BSHD[b, q0:q1].double().transpose(0, 1)  # [H, s, D]
+        k = k_BSGD[b, k0:k1].double().transpose(0, 1).repeat_interleave(H // G, 0)
+        v = v_BSGD[b, k0:k1].double().transpose(0, 1).repeat_interleave(H // G, 0)
+        scores = (scale * q @ k.transpose(1, 2)).masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with no visible key
+        p = torch.exp(scores - row_lse[..., None].clamp_min(torch.finfo(torch.float64).min))
+        p = torch.where(visible, p, torch.zeros_like(p))
+        out[b, q0:q1] = (p @ v).transpose(0, 1)
+        lse[b, :, q0:q1] = row_lse
+    return out, lse

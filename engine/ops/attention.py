@@ -1,0 +1,67 @@
+"""Public sparse-global attention (prefill forward): local window / chunk + strided global keys +
+sinks, in O(S x visible keys) work and memory.
+Legend: B batch, S query positions, Sk key positions, H query heads, G kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.ops._library import ops
+from engine.profiling import nvtx_range
+
+
+def _positive_or_off(name: str, value: int | None) -> int:
+    if value is None:
+        return 0
+    if value < 1:
+        raise ValueError(f"sparse_attention: {name} must be >= 1 or None (off), got {value}")
+    return int(value)
+
+
+def sparse_attention(
+    q_BSHD: torch.Tensor,
+    k_BSGD: torch.Tensor,
+    v_BSGD: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    chunk: int | None = None,
+    global_stride: int | None = None,
+    sinks: int = 0,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """out_BSHD = softmax(scale * q k^T + mask) v, per query head h over kv head h // (H // G).
+
+    q_BSHD [B, S, H, D], k_BSGD / v_BSGD [B, Sk, G, D]: bfloat16 / float16 (float32 on CPU), unit
+    stride along D; H a multiple of G. Key position j is visible to query position i (positions
+    absolute within a sequence; queries aligned to the end of the keys, so i = row + Sk - S) when
+    `j <= i` (causal) and, if any pattern is set, at least one of: `i - j < window` (sliding
+    window including the query's own key), `j // chunk == i // chunk` (Llama 4's chunked local
+    attention), `j % global_stride == 0` (strided global keys), `j < sinks`. With no pattern:
+    plain causal (Llama 4's NoPE layers). softmax_scale defaults to D^-0.5. Varlen: B = 1 and
+    int32 cu_seqlens_q / cu_seqlens_k [num_seqs + 1] (each packed sequence starts at position 0).
+    A row with no visible key outputs 0 with lse = -inf. Returns out (and lse_BHS float32, the
+    natural log-sum-exp of the scaled scores, when return_lse).
+    """
+    window_ = _positive_or_off("window", window)
+    chunk_ = _positive_or_off("chunk", chunk)
+    stride_ = _positive_or_off("global_stride", global_stride)
+    if sinks is None or sinks < 0:
+        raise ValueError(f"sparse_attention: sinks must be >= 0, got {sinks}")
+    scale = float(softmax_scale) if softmax_scale is not None else q_BSHD.shape[-1] ** -0.5
+    with nvtx_range("llama4.sparse_attention"):
+        out, lse = ops.sparse_attention_fwd(
+            q_BSHD, k_BSGD, v_BSGD, cu_seqlens_q, cu_seqlens_k, causal, window_, chunk_, stride_, int(sinks), scale
+        )
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("llama4::sparse_attention_fwd")
+def _sparse_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, chunk, global_stride, sinks, scale):
+    torch._check(q.dim() == 4, lambda: f"sparse_attention: q must be 4-D [B, S, H, D], got {q.dim()}-D")
+    B, S, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32)
