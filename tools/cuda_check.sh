@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute: CMake runs it from the build folder
+CUTLASS_INCLUDE="$("$PY" -c 'import importlib.util as u, os; s = u.find_spec("cutlass_library"); print(os.path.join(list(s.submodule_search_locations)[0], "source", "include"))')"
+[ -f "$CUTLASS_INCLUDE/cute/tensor.hpp" ] || { echo "cuda-check: CUTLASS headers not found (pip install nvidia-cutlass)" >&2; exit 1; }
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 BUILD=build/cuda-check
 JOBS="${MAX_JOBS:-2}"
@@ -14,7 +17,8 @@ generator=()
 command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
 [ -x "$(dirname "$PY")/ninja" ] && generator=(-G Ninja -DCMAKE_MAKE_PROGRAM="$(cd "$(dirname "$PY")" && pwd)/ninja")
 cmake -S . -B "$BUILD" "${generator[@]}" -DCMAKE_CUDA_ARCHITECTURES=90a \
-  -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DPython3_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DPython3_EXECUTABLE="$PY" -DCUTLASS_INCLUDE_DIR="$CUTLASS_INCLUDE" \
+  -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$BUILD" -j "$JOBS" 2>&1 | tee "$BUILD/build.log" | grep -E "error|warning|Building|Linking" || true
 if grep -qE "error" "$BUILD/build.log"; then
   echo "cuda-check: compile errors" >&2

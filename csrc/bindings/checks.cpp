@@ -415,4 +415,77 @@ AttentionSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, co
   return {B, S, Sk, H, G, D, num_seqs, mask};
 }
 
+DecodeSizes check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& key_positions,
+                              const std::optional<at::Tensor>& query_positions,
+                              const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                              bool causal, int64_t window, int64_t chunk, int64_t global_stride, int64_t sinks,
+                              double softmax_scale) {
+  constexpr const char* op = "sparse_attention_decode";
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.is_contiguous(), op, ": q must be a contiguous [B, H, D] tensor, got shape ",
+                    q.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(q.scalar_type()), op, ": q must be bfloat16, float16 or float32, got ",
+                   q.scalar_type());
+  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name, " must be 4-D [B, Smax, G, D], got shape ", t->sizes());
+    TORCH_CHECK_VALUE(t->stride(3) == 1, op, ": ", name, " must have unit stride along D");
+    TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), ", got ", t->device());
+  }
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), op, ": k_cache and v_cache must have the same shape, got ",
+                    k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Smax = k_cache.size(1), G = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(3) == D, op, ": k_cache must be [B = ", B,
+                    ", Smax, G, D = ", D, "], got ", k_cache.sizes());
+  TORCH_CHECK_VALUE(G >= 1 && H % G == 0, op, ": the GQA ratio must be integral: q heads H = ", H,
+                    " is not a multiple of kv heads G = ", G);
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), op, ": k_cache and v_cache must share a dtype");
+  TORCH_CHECK_TYPE(fp8 || k_cache.scalar_type() == q.scalar_type(), op,
+                   ": the KV cache must have q's dtype or be float8_e4m3fn, got ", k_cache.scalar_type());
+  TORCH_CHECK_VALUE(fp8 == (k_scale.has_value() && v_scale.has_value()), op,
+                    fp8 ? ": a float8 KV cache needs k_scale and v_scale (float32 [G])"
+                        : ": k_scale / v_scale apply to a float8 KV cache only");
+  if (fp8) {
+    for (const auto& [t, name] : {std::pair{&*k_scale, "k_scale"}, std::pair{&*v_scale, "v_scale"}}) {
+      TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == G && t->is_contiguous(), op, ": ", name,
+                        " must be a contiguous [G] = [", G, "] tensor, got ", t->sizes());
+      TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+      TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on ", q.device());
+    }
+  }
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B && cache_seqlens.is_contiguous(), op,
+                    ": cache_seqlens must be a contiguous [B] = [", B, "] tensor, got ", cache_seqlens.sizes());
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, op, ": cache_seqlens must be int32, got ",
+                   cache_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cache_seqlens.device() == q.device(), op, ": cache_seqlens must be on ", q.device());
+  if (key_positions.has_value()) {
+    const at::Tensor& kp = *key_positions;
+    TORCH_CHECK_VALUE(kp.dim() == 2 && kp.size(0) == B && kp.size(1) == Smax && kp.stride(1) == 1, op,
+                      ": key_positions must be [B, Smax] = [", B, ", ", Smax, "] with unit stride, got ", kp.sizes());
+    TORCH_CHECK_TYPE(kp.scalar_type() == at::kInt, op, ": key_positions must be int32, got ", kp.scalar_type());
+    TORCH_CHECK_VALUE(kp.device() == q.device(), op, ": key_positions must be on ", q.device());
+  }
+  if (query_positions.has_value()) {
+    const at::Tensor& qp = *query_positions;
+    TORCH_CHECK_VALUE(qp.dim() == 1 && qp.size(0) == B && qp.is_contiguous(), op,
+                      ": query_positions must be a contiguous [B] tensor, got ", qp.sizes());
+    TORCH_CHECK_TYPE(qp.scalar_type() == at::kInt, op, ": query_positions must be int32, got ", qp.scalar_type());
+    TORCH_CHECK_VALUE(qp.device() == q.device(), op, ": query_positions must be on ", q.device());
+  }
+  if (q.is_cpu()) {  // values on a GPU stay there (no host sync): the kernel clamps to [0, Smax]
+    const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] <= Smax, op, ": cache_seqlens[", b, "] = ", lens[b],
+                        " must be in [0, Smax = ", Smax, "]");
+    }
+  }
+  TORCH_CHECK_VALUE(window >= 0 && chunk >= 0 && global_stride >= 0 && sinks >= 0, op,
+                    ": window, chunk, global_stride and sinks must be >= 0 (0: off)");
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0.0, op,
+                    ": softmax_scale must be finite and > 0, got ", softmax_scale);
+  const kernels::AttentionMask mask{causal, static_cast<int32_t>(window), static_cast<int32_t>(chunk),
+                                    static_cast<int32_t>(global_stride), static_cast<int32_t>(sinks)};
+  return {B, Smax, H, G, D, fp8, mask};
+}
+
 }  // namespace llama4

@@ -111,4 +111,19 @@ AttentionSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, co
                                     const std::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t window,
                                     int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale);
 
+// A validated decode call: q [B, H, D]; k_cache / v_cache [B, Smax, G, D] (q's dtype, or float8_e4m3fn with
+// k_scale / v_scale float32 [G]); cache_seqlens int32 [B]; key_positions int32 [B, Smax]; query_positions int32 [B].
+struct DecodeSizes {
+  int64_t batch, max_slots, heads, kv_heads, head_dim;
+  bool fp8_cache;
+  kernels::AttentionMask mask;
+};
+
+DecodeSizes check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& key_positions,
+                              const std::optional<at::Tensor>& query_positions,
+                              const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                              bool causal, int64_t window, int64_t chunk, int64_t global_stride, int64_t sinks,
+                              double softmax_scale);
+
 }  // namespace llama4

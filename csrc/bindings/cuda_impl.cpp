@@ -11,6 +11,8 @@
 #include "kernels/grouped_gemm.h"
 #include "kernels/moe_permute.h"
 #include "kernels/route_topk.h"
+#include "kernels/sparse_attention.h"
+#include "kernels/sparse_attention_decode.h"
 
 namespace llama4 {
 namespace {
@@ -280,9 +282,125 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v,
+                                                             const std::optional<at::Tensor>& cu_seqlens_q,
+                                                             const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
+                                                             int64_t window, int64_t chunk, int64_t global_stride,
+                                                             int64_t sinks, double softmax_scale) {
+  constexpr const char* op = "sparse_attention";
+  const AttentionSizes sz = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, chunk,
+                                                 global_stride, sinks, softmax_scale);
+  check_cuda(q, op, "q");
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+                   ": on CUDA, q, k and v must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(sz.head_dim == 64 || sz.head_dim == 128, op, ": on CUDA, head_dim must be 64 or 128, got ",
+                    sz.head_dim);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({sz.batch, sz.seqlen_q, sz.heads, sz.head_dim}, q.options());
+  at::Tensor lse = at::empty({sz.batch, sz.heads, sz.seqlen_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  kernels::SparseAttentionParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dtype = to_kernel_dtype(q.scalar_type());
+  p.batch = sz.batch;
+  p.seqlen_q = sz.seqlen_q;
+  p.seqlen_k = sz.seqlen_k;
+  p.heads = static_cast<int32_t>(sz.heads);
+  p.kv_heads = static_cast<int32_t>(sz.kv_heads);
+  p.head_dim = static_cast<int32_t>(sz.head_dim);
+  for (int d = 0; d < 3; ++d) {
+    p.q_strides[d] = q.stride(d);
+    p.k_strides[d] = k.stride(d);
+    p.v_strides[d] = v.stride(d);
+  }
+  if (cu_seqlens_q.has_value()) {
+    p.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_seqlens_k->data_ptr<int32_t>();
+    p.num_seqs = static_cast<int32_t>(sz.num_seqs);
+    // The longest sequence is not known on the host without a sync: bound it by the total (tiles past a
+    // sequence's end exit at once).
+    p.max_seqlen_q = static_cast<int32_t>(sz.seqlen_q);
+  }
+  p.mask = sz.mask;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  check_launch(kernels::sparse_attention_fwd(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {out, lse};
+}
+
+int32_t multiprocessor_count(int device) {
+  static int32_t counts[64] = {};  // per device, read once: cudaDeviceGetAttribute is cheap but not free
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    counts[device] = n;
+  }
+  return counts[device];
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_decode_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& key_positions, const std::optional<at::Tensor>& query_positions,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale, bool causal, int64_t window,
+    int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale) {
+  constexpr const char* op = "sparse_attention_decode";
+  const DecodeSizes sz = check_decode_args(q, k_cache, v_cache, cache_seqlens, key_positions, query_positions, k_scale,
+                                           v_scale, causal, window, chunk, global_stride, sinks, softmax_scale);
+  check_cuda(q, op, "q");
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+                   ": on CUDA, q must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(sz.head_dim == 64 || sz.head_dim == 128, op, ": on CUDA, head_dim must be 64 or 128, got ",
+                    sz.head_dim);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({sz.batch, sz.heads, sz.head_dim}, q.options());
+  at::Tensor lse = at::empty({sz.batch, sz.heads}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  kernels::SparseDecodeParams p{};
+  p.q = q.data_ptr();
+  p.q_dtype = to_kernel_dtype(q.scalar_type());
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.kv_dtype = sz.fp8_cache                         ? kernels::KvCacheDType::kFloat8E4M3
+               : k_cache.scalar_type() == at::kHalf ? kernels::KvCacheDType::kFloat16
+                                                    : kernels::KvCacheDType::kBFloat16;
+  p.k_scale = sz.fp8_cache ? k_scale->data_ptr<float>() : nullptr;
+  p.v_scale = sz.fp8_cache ? v_scale->data_ptr<float>() : nullptr;
+  for (int d = 0; d < 3; ++d) {
+    p.k_strides[d] = k_cache.stride(d);
+    p.v_strides[d] = v_cache.stride(d);
+  }
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.key_positions = key_positions.has_value() ? key_positions->data_ptr<int32_t>() : nullptr;
+  p.key_positions_stride = key_positions.has_value() ? key_positions->stride(0) : 0;
+  p.query_positions = query_positions.has_value() ? query_positions->data_ptr<int32_t>() : nullptr;
+  p.batch = sz.batch;
+  p.max_slots = sz.max_slots;
+  p.heads = static_cast<int32_t>(sz.heads);
+  p.kv_heads = static_cast<int32_t>(sz.kv_heads);
+  p.head_dim = static_cast<int32_t>(sz.head_dim);
+  p.mask = sz.mask;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const int32_t splits = kernels::sparse_attention_decode_num_splits(sz.batch, p.kv_heads, sz.max_slots,
+                                                                     multiprocessor_count(q.get_device()));
+  const size_t ws_bytes = kernels::sparse_attention_decode_workspace_bytes(sz.batch, p.heads, p.head_dim, splits);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  p.workspace = ws_bytes ? workspace.data_ptr() : nullptr;
+  check_launch(kernels::sparse_attention_decode(p, splits, c10::cuda::getCurrentCUDAStream()), op);
+  return {out, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama4, CUDA, m) {
+  m.impl("sparse_attention_decode", &sparse_attention_decode_cuda);
+  m.impl("sparse_attention_fwd", &sparse_attention_fwd_cuda);
   m.impl("grouped_gemm", &grouped_gemm_cuda);
   m.impl("quantize_fp8", &quantize_fp8_cuda);
   m.impl("dequantize_fp8", &dequantize_fp8_cuda);

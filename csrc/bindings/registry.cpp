@@ -93,6 +93,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
   return cpu::sparse_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, sz, softmax_scale);
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_attention_decode_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& key_positions, const std::optional<at::Tensor>& query_positions,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale, bool causal, int64_t window,
+    int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale) {
+  const DecodeSizes sz = check_decode_args(q, k_cache, v_cache, cache_seqlens, key_positions, query_positions, k_scale,
+                                           v_scale, causal, window, chunk, global_stride, sinks, softmax_scale);
+  return cpu::sparse_attention_decode(q, k_cache, v_cache, cache_seqlens, key_positions, query_positions, k_scale,
+                                      v_scale, sz, softmax_scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama4, m) {
@@ -133,6 +144,14 @@ TORCH_LIBRARY(llama4, m) {
   m.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, bool causal, "
       "int window, int chunk, int global_stride, int sinks, float softmax_scale) -> (Tensor, Tensor)");
+  // Decode: q [B, H, D] (one new token per sequence) against k_cache / v_cache [B, Smax, G, D] (q's dtype, or
+  // float8_e4m3fn with per-head k_scale / v_scale [G]). Slots [0, cache_seqlens[b]) are valid; slot j holds key
+  // position key_positions[b, j] (default j; negative: empty) and the query sits at query_positions[b] (default
+  // cache_seqlens[b] - 1). Same mask rule as sparse_attention_fwd. Returns (out [B, H, D], lse [B, H] f32).
+  m.def(
+      "sparse_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? key_positions, "
+      "Tensor? query_positions, Tensor? k_scale, Tensor? v_scale, bool causal, int window, int chunk, "
+      "int global_stride, int sinks, float softmax_scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llama4, CPU, m) {
@@ -145,6 +164,7 @@ TORCH_LIBRARY_IMPL(llama4, CPU, m) {
   m.impl("swiglu", &swiglu_cpu);
   m.impl("grouped_gemm", &grouped_gemm_cpu);
   m.impl("sparse_attention_fwd", &sparse_attention_fwd_cpu);
+  m.impl("sparse_attention_decode", &sparse_attention_decode_cpu);
   m.impl("moe_route", &moe_route_cpu);
   m.impl("moe_permute", &moe_permute_cpu);
   m.impl("moe_unpermute", &moe_unpermute_cpu);

@@ -54,4 +54,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
                                                         const std::optional<at::Tensor>& cu_seqlens_k,
                                                         const AttentionSizes& sizes, double softmax_scale);
 
+// Decode: one query per sequence against a KV cache -> (out [B, H, D] in q's dtype, lse [B, H] float32).
+std::tuple<at::Tensor, at::Tensor> sparse_attention_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                                           const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                           const std::optional<at::Tensor>& key_positions,
+                                                           const std::optional<at::Tensor>& query_positions,
+                                                           const std::optional<at::Tensor>& k_scale,
+                                                           const std::optional<at::Tensor>& v_scale,
+                                                           const DecodeSizes& sizes, double softmax_scale);
+
 }  // namespace llama4::cpu

@@ -145,3 +145,78 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
 }
 
 }  // namespace llama4::cpu
+
+namespace llama4::cpu {
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                                           const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                           const std::optional<at::Tensor>& key_positions,
+                                                           const std::optional<at::Tensor>& query_positions,
+                                                           const std::optional<at::Tensor>& k_scale,
+                                                           const std::optional<at::Tensor>& v_scale,
+                                                           const DecodeSizes& sz, double softmax_scale) {
+  const int64_t B = sz.batch, H = sz.heads, G = sz.kv_heads, D = sz.head_dim, Smax = sz.max_slots;
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  at::Tensor lse = at::full({B, H}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+  if (B * H == 0) return {out, lse};
+  // float32 copies of the cache (dequantised with the per-head scales for FP8), contiguous.
+  at::Tensor kf = k_cache.to(at::kFloat);
+  at::Tensor vf = v_cache.to(at::kFloat);
+  if (sz.fp8_cache) {
+    kf.mul_(k_scale->view({1, 1, G, 1}));
+    vf.mul_(v_scale->view({1, 1, G, 1}));
+  }
+  kf = kf.contiguous();
+  vf = vf.contiguous();
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor of = at::zeros({B, H, D}, q.options().dtype(at::kFloat));
+  const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
+  const int32_t* kpos = key_positions.has_value() ? key_positions->data_ptr<int32_t>() : nullptr;
+  const int64_t kpos_stride = key_positions.has_value() ? key_positions->stride(0) : 0;
+  const int32_t* qpos = query_positions.has_value() ? query_positions->data_ptr<int32_t>() : nullptr;
+  const float scale = static_cast<float>(softmax_scale);
+  const float* Q = qf.data_ptr<float>();
+  const float* K = kf.data_ptr<float>();
+  const float* V = vf.data_ptr<float>();
+  float* O = of.data_ptr<float>();
+  float* L = lse.data_ptr<float>();
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<int64_t> slots;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / (H / G);
+      const int64_t i = qpos ? qpos[b] : static_cast<int64_t>(lens[b]) - 1;
+      const float* qrow = Q + bh * D;
+      scores.clear();
+      slots.clear();
+      float row_max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < lens[b]; ++j) {
+        const int64_t p = kpos ? kpos[b * kpos_stride + j] : j;
+        if (p < 0 || !kn::mask_visible(sz.mask, i, p)) continue;
+        const float* krow = K + ((b * Smax + j) * G + g) * D;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += qrow[d] * krow[d];
+        scores.push_back(dot * scale);
+        slots.push_back(j);
+        row_max = std::max(row_max, scores.back());
+      }
+      if (slots.empty()) continue;  // out 0, lse -inf
+      double denom = 0.0;
+      float* orow = O + bh * D;
+      for (size_t t = 0; t < slots.size(); ++t) {
+        const float p = std::exp(scores[t] - row_max);
+        denom += p;
+        const float* vrow = V + ((b * Smax + slots[t]) * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] += p * vrow[d];
+      }
+      const float inv = static_cast<float>(1.0 / denom);
+      for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+      L[bh] = row_max + static_cast<float>(std::log(denom));
+    }
+  });
+  out.copy_(of);
+  return {out, lse};
+}
+
+}  // namespace llama4::cpu

@@ -60,6 +60,66 @@ def sparse_attention(
     return (out, lse) if return_lse else out
 
 
+def sparse_attention_decode(
+    q_BHD: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens_B: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    chunk: int | None = None,
+    global_stride: int | None = None,
+    sinks: int = 0,
+    softmax_scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One new token per sequence against a KV cache (split over the keys on CUDA: flash-decoding).
+
+    q_BHD [B, H, D]; k_cache / v_cache [B, Smax, G, D] in q's dtype, or float8_e4m3fn with per-head
+    float32 scales k_scale / v_scale [G] (key = fp8 * k_scale[g]): half the bytes of bf16.
+    cache_seqlens_B int32 [B]: slots [0, len) are valid. Slot j holds key position j, or
+    key_positions[b, j] when given (ring buffers, global-only caches; negative = empty slot); the
+    query sits at cache_seqlens - 1 (its own key already written), or query_positions[b]. The mask
+    arguments mean what they mean in `sparse_attention`. Returns out_BHD (and lse_BH float32).
+    """
+    window_ = _positive_or_off("window", window)
+    chunk_ = _positive_or_off("chunk", chunk)
+    stride_ = _positive_or_off("global_stride", global_stride)
+    if sinks is None or sinks < 0:
+        raise ValueError(f"sparse_attention_decode: sinks must be >= 0, got {sinks}")
+    scale = float(softmax_scale) if softmax_scale is not None else q_BHD.shape[-1] ** -0.5
+    with nvtx_range("llama4.sparse_attention_decode"):
+        out, lse = ops.sparse_attention_decode(
+            q_BHD,
+            k_cache,
+            v_cache,
+            cache_seqlens_B,
+            key_positions,
+            query_positions,
+            k_scale,
+            v_scale,
+            causal,
+            window_,
+            chunk_,
+            stride_,
+            int(sinks),
+            scale,
+        )
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("llama4::sparse_attention_decode")
+def _sparse_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, *args):
+    torch._check(q.dim() == 3, lambda: f"sparse_attention_decode: q must be [B, H, D], got {q.dim()}-D")
+    B, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H), dtype=torch.float32)
+
+
 @torch.library.register_fake("llama4::sparse_attention_fwd")
 def _sparse_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, chunk, global_stride, sinks, scale):
     torch._check(q.dim() == 4, lambda: f"sparse_attention: q must be 4-D [B, S, H, D], got {q.dim()}-D")
