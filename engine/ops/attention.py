@@ -11,12 +11,16 @@ from engine.ops._library import ops
 from engine.profiling import nvtx_range
 
 
-def _positive_or_off(name: str, value: int | None) -> int:
-    if value is None:
-        return 0
-    if value < 1:
-        raise ValueError(f"sparse_attention: {name} must be >= 1 or None (off), got {value}")
-    return int(value)
+def _mask_args(op: str, window: int | None, chunk: int | None, global_stride: int | None, sinks: int) -> tuple:
+    """(window, chunk, global_stride, sinks) as the kernels take them: 0 turns a pattern off."""
+    out = []
+    for name, value in (("window", window), ("chunk", chunk), ("global_stride", global_stride)):
+        if value is not None and value < 1:
+            raise ValueError(f"{op}: {name} must be >= 1 or None (off), got {value}")
+        out.append(int(value or 0))
+    if sinks is None or sinks < 0:
+        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+    return (*out, int(sinks))
 
 
 def sparse_attention(
@@ -47,16 +51,10 @@ def sparse_attention(
     A row with no visible key outputs 0 with lse = -inf. Returns out (and lse_BHS float32, the
     natural log-sum-exp of the scaled scores, when return_lse).
     """
-    window_ = _positive_or_off("window", window)
-    chunk_ = _positive_or_off("chunk", chunk)
-    stride_ = _positive_or_off("global_stride", global_stride)
-    if sinks is None or sinks < 0:
-        raise ValueError(f"sparse_attention: sinks must be >= 0, got {sinks}")
+    mask = _mask_args("sparse_attention", window, chunk, global_stride, sinks)
     scale = float(softmax_scale) if softmax_scale is not None else q_BSHD.shape[-1] ** -0.5
     with nvtx_range("llama4.sparse_attention"):
-        out, lse = ops.sparse_attention_fwd(
-            q_BSHD, k_BSGD, v_BSGD, cu_seqlens_q, cu_seqlens_k, causal, window_, chunk_, stride_, int(sinks), scale
-        )
+        out, lse = ops.sparse_attention_fwd(q_BSHD, k_BSGD, v_BSGD, cu_seqlens_q, cu_seqlens_k, causal, *mask, scale)
     return (out, lse) if return_lse else out
 
 
@@ -87,11 +85,7 @@ def sparse_attention_decode(
     query sits at cache_seqlens - 1 (its own key already written), or query_positions[b]. The mask
     arguments mean what they mean in `sparse_attention`. Returns out_BHD (and lse_BH float32).
     """
-    window_ = _positive_or_off("window", window)
-    chunk_ = _positive_or_off("chunk", chunk)
-    stride_ = _positive_or_off("global_stride", global_stride)
-    if sinks is None or sinks < 0:
-        raise ValueError(f"sparse_attention_decode: sinks must be >= 0, got {sinks}")
+    mask = _mask_args("sparse_attention_decode", window, chunk, global_stride, sinks)
     scale = float(softmax_scale) if softmax_scale is not None else q_BHD.shape[-1] ** -0.5
     with nvtx_range("llama4.sparse_attention_decode"):
         out, lse = ops.sparse_attention_decode(
@@ -104,10 +98,7 @@ def sparse_attention_decode(
             k_scale,
             v_scale,
             causal,
-            window_,
-            chunk_,
-            stride_,
-            int(sinks),
+            *mask,
             scale,
         )
     return (out, lse) if return_lse else out
