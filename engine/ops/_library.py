@@ -1,6 +1,6 @@
 """Loads the compiled registry (`engine._C`, which defines every `torch.ops.llama4` schema and
 its CPU/CUDA kernels) and adds what Python does best: fake (meta) kernels for torch.compile,
-autograd formulas, and a logged fallback to the reference when a device has no kernel.
+autograd formulas, and a logged CPU-kernel fallback for CUDA tensors when the build has no CUDA kernels.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-
-from engine.ops import reference
 
 log = logging.getLogger("engine.ops")
 
@@ -32,7 +30,8 @@ def build_info() -> dict:
 
 # --------------------------------------------------------------------------------------------
 # Fallback: when this build has no CUDA kernels (torch without CUDA, or no nvcc at build time),
-# CUDA tensors run the reference on their device, and we say so once.
+# an op called on CUDA tensors runs its C++ CPU kernel on host copies (outputs and in-place
+# arguments are copied back), and says so once. Slow and synchronising, but never wrong.
 # --------------------------------------------------------------------------------------------
 _warned: set[str] = set()
 
@@ -40,38 +39,45 @@ _warned: set[str] = set()
 def _log_fallback_once(op: str) -> None:
     if op not in _warned:
         _warned.add(op)
-        log.warning(
-            "llama4::%s has no CUDA kernel in this build (%s); running the pure-torch reference",
-            op,
-            "built without CUDA",
-        )
+        log.warning("llama4::%s has no CUDA kernel in this build (built without CUDA); running its CPU kernel", op)
+
+
+def _cpu_fallback(name: str):
+    op = getattr(ops, name).default
+    written = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+
+    def impl(*args):
+        _log_fallback_once(name)
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        host = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+        out = op(*host)
+        for i in written:  # in-place arguments: copy the CPU result back into the caller's tensor
+            args[i].copy_(host[i])
+        return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, out)
+
+    return impl
 
 
 def _register_cuda_fallbacks() -> None:
-    def route(logits, top_k, score_func="sigmoid", expert_bias=None, renormalize=False):
-        _log_fallback_once("moe_route")
-        return tuple(
-            reference.moe_route(
-                logits, top_k, score_func=score_func, expert_bias_E=expert_bias, renormalize=renormalize
-            )
-        )
-
-    def permute(x, sorted_slots, slot_positions, topk_weights=None):
-        _log_fallback_once("moe_permute")
-        return reference.moe_permute(x, _slots_only(sorted_slots, slot_positions), topk_weights)
-
-    def unpermute(y, sorted_slots, slot_positions, topk_weights=None):
-        _log_fallback_once("moe_unpermute")
-        return reference.moe_unpermute(y, _slots_only(sorted_slots, slot_positions), topk_weights)
-
-    torch.library.impl("llama4::moe_route", "CUDA")(route)
-    torch.library.impl("llama4::moe_permute", "CUDA")(permute)
-    torch.library.impl("llama4::moe_unpermute", "CUDA")(unpermute)
+    for name in _OP_NAMES:
+        torch.library.impl(f"llama4::{name}", "CUDA")(_cpu_fallback(name))
 
 
-def _slots_only(sorted_slots: torch.Tensor, slot_positions: torch.Tensor) -> reference.RouteResult:
-    empty = sorted_slots.new_empty(0)
-    return reference.RouteResult(empty, empty, empty, empty, sorted_slots, slot_positions)
+_OP_NAMES = (
+    "moe_route",
+    "moe_permute",
+    "moe_unpermute",
+    "adamw8bit_step",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_fp8",
+    "dequantize_fp8",
+    "swiglu_quant",
+    "swiglu",
+    "grouped_gemm",
+    "sparse_attention_fwd",
+    "sparse_attention_decode",
+)
 
 
 if not build_info()["cuda"] and torch.cuda.is_available():  # pragma: no cover
