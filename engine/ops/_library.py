@@ -44,7 +44,9 @@ def _log_fallback_once(op: str) -> None:
 
 def _cpu_fallback(name: str):
     op = getattr(ops, name).default
-    written = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+    written = [
+        i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write
+    ]
 
     def impl(*args):
         _log_fallback_once(name)
