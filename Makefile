@@ -23,7 +23,7 @@ $(VENV)/.deps: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.deps pyproject.toml
-	$(PIP) install -q "pytest>=8" "pytest-benchmark>=4" hypothesis expecttest "ruff==0.17.6" "clang-format==23.1.5"
+	$(PIP) install -q "pytest>=8" "pytest-benchmark>=4" hypothesis expecttest "ruff==0.17.6" "clang-format==23.1.5" "transformers==5.24.0"
 	touch $@
 
 # First build: editable install (registers the package and the llama4-engine script).

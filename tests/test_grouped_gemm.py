@@ -284,8 +284,8 @@ def _bad_call(case: str, device: torch.device, gen: torch.Generator) -> dict:
     base = dict(**bf16, group_sizes_E=group_sizes_E)
     if case == "x_3d":
         return base | dict(x_MK=bf16["x_MK"].view(1, M, K))
-    if case == "x_float32":
-        return base | dict(x_MK=bf16["x_MK"].float(), w_ENK=bf16["w_ENK"].float())
+    if case == "x_float16":  # float32 is the CPU reference-precision path; float16 is never accepted
+        return base | dict(x_MK=bf16["x_MK"].half(), w_ENK=bf16["w_ENK"].half())
     if case == "x_e5m2":
         return dict(fp8, group_sizes_E=group_sizes_E) | dict(x_MK=fp8["x_MK"].view(torch.float8_e5m2))
     if case == "x_not_contiguous":
@@ -327,7 +327,7 @@ def _bad_call(case: str, device: torch.device, gen: torch.Generator) -> dict:
 
 BAD_CASES = {
     "x_3d": r"\bx\b",
-    "x_float32": r"\bx\b",
+    "x_float16": r"\bx\b",
     "x_e5m2": r"\bx\b",
     "x_not_contiguous": r"\bx\b",
     "w_2d": r"\bw\b",
@@ -568,3 +568,15 @@ def test_cuda_no_host_sync_and_graph_replay(kind, gen):
     graph.replay()
     torch.cuda.synchronize()
     assert_gemm_close(captured, reference_out(args, group_sizes_E), sizes_b)
+
+
+def test_float32_inputs_on_cpu_give_float32(gen):
+    """The CPU path also takes float32 (the MoE layer's reference-precision mode) and returns float32."""
+    sizes = [5, 0, 9, 2]
+    x_MK = torch.randn(16, 24, generator=gen)
+    w_ENK = torch.randn(4, 8, 24, generator=gen)
+    group_sizes_E = torch.tensor(sizes, dtype=torch.int32)
+    out = ops.grouped_gemm(x_MK, w_ENK, group_sizes_E)
+    assert out.dtype == torch.float32
+    expected = reference.grouped_gemm(x_MK, w_ENK, group_sizes_E)
+    torch.testing.assert_close(out[: sum(sizes)].double(), expected[: sum(sizes)], rtol=1e-5, atol=1e-5)

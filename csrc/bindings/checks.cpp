@@ -294,8 +294,8 @@ GroupedGemmSizes check_grouped_gemm_args(const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
   TORCH_CHECK_VALUE(w.dim() == 3, op, ": w must be 3-D [E, N, K], got shape ", w.sizes());
   const bool fp8 = x.scalar_type() == at::kFloat8_e4m3fn;
-  TORCH_CHECK_TYPE(fp8 || x.scalar_type() == at::kBFloat16, op, ": x must be bfloat16 or float8_e4m3fn, got ",
-                   x.scalar_type());
+  TORCH_CHECK_TYPE(fp8 || x.scalar_type() == at::kBFloat16 || (x.is_cpu() && x.scalar_type() == at::kFloat), op,
+                   ": x must be bfloat16 or float8_e4m3fn (or float32 on CPU), got ", x.scalar_type());
   TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), op, ": w must have x's dtype ", x.scalar_type(), ", got ",
                    w.scalar_type());
   const int64_t M = x.size(0), K = x.size(1), E = w.size(0), N = w.size(1);
@@ -316,7 +316,7 @@ GroupedGemmSizes check_grouped_gemm_args(const at::Tensor& x, const at::Tensor& 
   bool block_scales = false;
   if (!fp8) {
     TORCH_CHECK_VALUE(!x_scale.has_value() && !w_scale.has_value(), op,
-                      ": x_scale and w_scale apply to float8 inputs only (x is bfloat16)");
+                      ": x_scale and w_scale apply to float8 inputs only (x is ", x.scalar_type(), ")");
   } else {
     TORCH_CHECK_VALUE(x_scale.has_value() && w_scale.has_value(), op,
                       ": float8 inputs need x_scale ([M] or [M, ceil(K/128)]) and w_scale ([E, N] or "

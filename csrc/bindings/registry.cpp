@@ -77,7 +77,8 @@ at::Tensor swiglu_cpu(const at::Tensor& h) {
 at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
                             const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
                             std::optional<at::ScalarType> out_dtype) {
-  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
+  // float32 inputs (CPU only: the reference-precision path) default to a float32 result.
+  const at::ScalarType dtype = out_dtype.value_or(x.scalar_type() == at::kFloat ? at::kFloat : at::kBFloat16);
   const GroupedGemmSizes sz = check_grouped_gemm_args(x, w, group_sizes, x_scale, w_scale, dtype);
   return cpu::grouped_gemm(x, w, group_sizes, x_scale, w_scale, sz, dtype);
 }

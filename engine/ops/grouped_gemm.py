@@ -17,11 +17,11 @@ def grouped_gemm(
     *,
     x_scale: torch.Tensor | None = None,
     w_scale: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """out_MN[rows of e] = x_MK[rows of e] @ w_ENK[e]^T, accumulated in float32.
 
-    x_MK: [M, K] bfloat16 or float8_e4m3fn, rows sorted by expert: group e owns rows
+    x_MK: [M, K] bfloat16 or float8_e4m3fn (float32 too on CPU), rows sorted by expert: group e owns rows
     [offset_e, offset_e + group_sizes_E[e]) with offset the exclusive prefix sum.
     w_ENK: [E, N, K] (nn.Linear layout per expert, K contiguous), x's dtype.
     group_sizes_E: int32 [E] on x's device (stays there: no host synchronisation on CUDA); zero
@@ -29,6 +29,7 @@ def grouped_gemm(
     FP8 scales (float32): x_scale [M] per row with w_scale [E, N] per expert and channel, or
     x_scale [M, ceil(K/128)] per 1x128 block with w_scale [E, ceil(N/128), ceil(K/128)].
     On CUDA, K and N must be multiples of 16 (FP8) or 8 (BF16): the TMA's 16-byte rows.
+    out_dtype: bfloat16 by default (float32 for float32 inputs; float32 is also allowed on CPU).
     """
     with nvtx_range("llama4.grouped_gemm"):
         return ops.grouped_gemm(x_MK, w_ENK, group_sizes_E, x_scale, w_scale, out_dtype)
@@ -37,4 +38,5 @@ def grouped_gemm(
 @torch.library.register_fake("llama4::grouped_gemm")
 def _grouped_gemm_fake(x, w, group_sizes, x_scale=None, w_scale=None, out_dtype=None):
     torch._check(x.dim() == 2 and w.dim() == 3, lambda: "grouped_gemm: x must be [M, K] and w [E, N, K]")
-    return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype or torch.bfloat16)
+    default = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype or default)
