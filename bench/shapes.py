@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.ops.attention import AttentionPattern
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -163,28 +165,6 @@ class AttentionShape:
         return f"B{self.batch}-S{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-G{self.kv_heads}-D{self.head_dim}"
 
 
-@dataclass(frozen=True)
-class AttentionPattern:
-    """A visibility rule of engine.ops.sparse_attention (None / 0: that part off)."""
-
-    name: str
-    causal: bool = True
-    window: int | None = None
-    chunk: int | None = None
-    global_stride: int | None = None
-    sinks: int = 0
-
-    @property
-    def kwargs(self) -> dict:
-        return dict(
-            causal=self.causal,
-            window=self.window,
-            chunk=self.chunk,
-            global_stride=self.global_stride,
-            sinks=self.sinks,
-        )
-
-
 # Correctness sweep: one token, GQA 1 / 5 / 8 and Scout's 40/8, head dims 64 / 128, odd sizes, S < Sk (queries
 # continuing a cached prefix), S > Sk (the first rows see no key), one query over many keys.
 ATTENTION_TEST = [
@@ -214,9 +194,9 @@ ATTENTION_BENCH_CAUSAL = AttentionShape(1, 16384, 16384, 40, 8, 128)
 ATTENTION_BENCH_LOCAL_SEQLENS = (32768, 131072, 524288)
 ATTENTION_BENCH_LOCAL_HEADS = (40, 8, 128)  # H, G, D: Scout
 ATTENTION_BENCH_LOCAL_PATTERNS = [
-    AttentionPattern("window4096", window=4096),
-    AttentionPattern("chunk8192", chunk=8192),
+    AttentionPattern(name="window4096", window=4096),
+    AttentionPattern(name="chunk8192", chunk=8192),
 ]
 # CPU benchmarks: small and fast (a dense masked torch attention is the baseline there).
 ATTENTION_BENCH_CPU = AttentionShape(1, 4096, 4096, 2, 1, 64)
-ATTENTION_BENCH_CPU_PATTERNS = [AttentionPattern("causal"), AttentionPattern("window256", window=256)]
+ATTENTION_BENCH_CPU_PATTERNS = [AttentionPattern(name="causal"), AttentionPattern(name="window256", window=256)]

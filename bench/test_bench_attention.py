@@ -86,13 +86,13 @@ def attention_flops(shape: AttentionShape, pattern: AttentionPattern) -> int:
 @pytest.mark.parametrize(
     "pattern",
     [
-        AttentionPattern("causal"),
-        AttentionPattern("window1", window=1),
-        AttentionPattern("window7", window=7),
-        AttentionPattern("window200", window=200),
-        AttentionPattern("chunk16", chunk=16),
-        AttentionPattern("chunk33", chunk=33),
-        AttentionPattern("chunk500", chunk=500),
+        AttentionPattern(name="causal"),
+        AttentionPattern(name="window1", window=1),
+        AttentionPattern(name="window7", window=7),
+        AttentionPattern(name="window200", window=200),
+        AttentionPattern(name="chunk16", chunk=16),
+        AttentionPattern(name="chunk33", chunk=33),
+        AttentionPattern(name="chunk500", chunk=500),
     ],
     ids=lambda p: p.name,
 )
@@ -263,7 +263,7 @@ def time_baseline(make: Callable[[], Callable], q, k, v, pattern, t: dict, label
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="sparse_attention")
 def test_attention_causal_16k(benchmark, request, budget, ceilings):
-    shape, pattern, device = ATTENTION_BENCH_CAUSAL, AttentionPattern("causal"), "cuda"
+    shape, pattern, device = ATTENTION_BENCH_CAUSAL, AttentionPattern(name="causal"), "cuda"
     q, k, v = random_qkv(shape, DTYPE, device)
 
     def run_ours():

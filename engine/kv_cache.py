@@ -7,41 +7,18 @@ Legend: B batch, T new tokens, G kv heads, D head dim, H query heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from engine.ops import sparse_attention_decode
+from engine.ops.attention import AttentionPattern
+
+__all__ = ["AttentionPattern", "LayerKVCache"]
 
 FP8_E4M3_MAX = 448.0
 # An FP8 cache fixes each head's scale at the first write (the prefill): amax * headroom / 448, so
 # later tokens up to twice the prefill's largest magnitude are represented; larger ones saturate.
 FP8_SCALE_HEADROOM = 2.0
 FP8_AMAX_FLOOR = 1e-6
-
-
-@dataclass(frozen=True)
-class AttentionPattern:
-    """Which keys a query sees (see engine.ops.sparse_attention): None / 0 turns a pattern off."""
-
-    causal: bool = True
-    window: int | None = None
-    chunk: int | None = None
-    global_stride: int | None = None
-    sinks: int = 0
-
-    @property
-    def is_full(self) -> bool:
-        return not (self.window or self.chunk or self.global_stride or self.sinks)
-
-    def op_kwargs(self) -> dict:
-        return dict(
-            causal=self.causal,
-            window=self.window,
-            chunk=self.chunk,
-            global_stride=self.global_stride,
-            sinks=self.sinks,
-        )
 
 
 class LayerKVCache:
@@ -154,5 +131,5 @@ class LayerKVCache:
             k_scale=self.k_scale,
             v_scale=self.v_scale,
             softmax_scale=softmax_scale,
-            **self.pattern.op_kwargs(),
+            **self.pattern.kwargs,
         )

@@ -34,7 +34,7 @@ def decode_reference(q_BHD, k_cache, v_cache, lens_B, key_pos_BS, query_pos_B, p
         pos = key_pos_BS[b, :n].long() if key_pos_BS is not None else torch.arange(n)
         i = int(query_pos_B[b]) if query_pos_B is not None else n - 1
         n_pos = max(i, int(pos.max()) if n else 0) + 1  # positions index a square mask of that size
-        rule = reference.attention_visible(n_pos, n_pos, **pattern.op_kwargs())
+        rule = reference.attention_visible(n_pos, n_pos, **pattern.kwargs)
         vis = torch.tensor([p >= 0 and bool(rule[i, p]) for p in pos.tolist()], dtype=torch.bool)
         if not vis.any():
             continue
@@ -59,9 +59,7 @@ def test_decode_matches_reference(pattern_name, with_positions, gen):
         key_pos = torch.stack([torch.randperm(Smax, generator=gen) for _ in range(B)]).int() + 3
         key_pos[:, ::5] = -1
         query_pos = torch.tensor([Smax + 2, 30, Smax + 2], dtype=torch.int32)
-    out = ops.sparse_attention_decode(
-        q, k, v, lens, key_positions=key_pos, query_positions=query_pos, **pattern.op_kwargs()
-    )
+    out = ops.sparse_attention_decode(q, k, v, lens, key_positions=key_pos, query_positions=query_pos, **pattern.kwargs)
     expected = decode_reference(q, k, v, lens, key_pos, query_pos, pattern, D**-0.5)
     torch.testing.assert_close(out.double(), expected, atol=FP32_ATOL, rtol=0)
 
@@ -74,10 +72,10 @@ def test_prefill_then_decode_equals_one_prefill(pattern_name, prefill_len, gen):
     q = torch.randn(B, S, H, D, generator=gen)
     k = torch.randn(B, S, G, D, generator=gen)
     v = torch.randn(B, S, G, D, generator=gen)
-    full = ops.sparse_attention(q, k, v, **pattern.op_kwargs())
+    full = ops.sparse_attention(q, k, v, **pattern.kwargs)
     cache = LayerKVCache(B, G, D, S, pattern, dtype=torch.float32)
     cache.write(k[:, :prefill_len], v[:, :prefill_len])
-    prefill = ops.sparse_attention(q[:, :prefill_len], k[:, :prefill_len], v[:, :prefill_len], **pattern.op_kwargs())
+    prefill = ops.sparse_attention(q[:, :prefill_len], k[:, :prefill_len], v[:, :prefill_len], **pattern.kwargs)
     torch.testing.assert_close(prefill, full[:, :prefill_len], atol=FP32_ATOL, rtol=0)
     for t in range(prefill_len, S):
         cache.write(k[:, t : t + 1], v[:, t : t + 1])
@@ -114,7 +112,7 @@ def test_fp8_cache_is_half_the_bytes_and_close(gen):
     )
     torch.testing.assert_close(out.double(), expected, atol=FP32_ATOL, rtol=0)
     # And close to the unquantised attention (e4m3 keeps ~2 significant digits).
-    exact = ops.sparse_attention(q, k, v, **pattern.op_kwargs())[:, -1]
+    exact = ops.sparse_attention(q, k, v, **pattern.kwargs)[:, -1]
     assert (out - exact).abs().max() < 0.1
 
 
@@ -126,7 +124,7 @@ def test_decode_lengths_across_chunk_boundaries(length, gen):
     k = torch.randn(B, length, G, D, generator=gen).bfloat16()
     v = torch.randn(B, length, G, D, generator=gen).bfloat16()
     out = ops.sparse_attention_decode(q[:, -1], k, v, torch.tensor([length], dtype=torch.int32), chunk=128)
-    expected = reference.sparse_attention(q, k, v, **pattern.op_kwargs())[0][:, -1]
+    expected = reference.sparse_attention(q, k, v, **pattern.kwargs)[0][:, -1]
     naive_err = (expected.bfloat16().double() - expected).abs().max()  # bf16 output rounding
     assert (out.double() - expected).abs().max() <= 2 * naive_err + 1e-3
 

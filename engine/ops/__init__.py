@@ -5,7 +5,7 @@ schema, CPU and CUDA kernels, a fake kernel for torch.compile and an autograd fo
 
 from engine.ops import reference
 from engine.ops._library import build_info
-from engine.ops.attention import sparse_attention, sparse_attention_decode
+from engine.ops.attention import AttentionPattern, sparse_attention, sparse_attention_decode
 from engine.ops.fp8 import dequantize_fp8, quantize_fp8, swiglu, swiglu_quant
 from engine.ops.grouped_gemm import grouped_gemm
 from engine.ops.optim_ops import dequantize_blockwise, dynamic_qmap, quantize_blockwise
@@ -13,6 +13,7 @@ from engine.ops.reference import RouteResult
 from engine.ops.routing import moe_permute, moe_route, moe_unpermute
 
 __all__ = [
+    "AttentionPattern",
     "RouteResult",
     "build_info",
     "dequantize_blockwise",

@@ -5,10 +5,37 @@ Legend: B batch, S query positions, Sk key positions, H query heads, G kv heads,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.ops._library import ops
 from engine.profiling import nvtx_range
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """A visibility rule of sparse_attention / sparse_attention_decode (None / 0 turns a part off),
+    e.g. Llama 4's RoPE layers `AttentionPattern(chunk=8192)`, its NoPE layers `AttentionPattern()`."""
+
+    causal: bool = True
+    window: int | None = None
+    chunk: int | None = None
+    global_stride: int | None = None
+    sinks: int = 0
+    name: str = ""
+
+    @property
+    def is_full(self) -> bool:
+        """No local or global pattern: plain causal (or full) attention."""
+        return not (self.window or self.chunk or self.global_stride or self.sinks)
+
+    @property
+    def kwargs(self) -> dict:
+        """The mask keyword arguments of the attention ops."""
+        return dict(
+            causal=self.causal, window=self.window, chunk=self.chunk, global_stride=self.global_stride, sinks=self.sinks
+        )
 
 
 def _mask_args(op: str, window: int | None, chunk: int | None, global_stride: int | None, sinks: int) -> tuple:
