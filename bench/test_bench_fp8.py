@@ -141,6 +141,18 @@ def check_sampled_rows(out_MN: torch.Tensor, args: dict, sizes: list[int]) -> No
         assert torch.isfinite(got).all() and diff < MAX_CALC_DIFF, f"expert {e}: calc_diff {diff.item():.3e}"
 
 
+def checked_gemm(kind: str, sizes: list[int], M: int, E: int, N: int, K: int, device: str):
+    """(inputs, group sizes, a call of ours) for one grouped GEMM, ours checked on sampled rows before timing."""
+    args = {**make_x(kind, M, K, device), **make_weights(kind, E, N, K, device)}
+    group_sizes_E = torch.tensor(sizes, dtype=torch.int32, device=device)
+
+    def run_ours():
+        return ops.grouped_gemm(**args, group_sizes_E=group_sizes_E)
+
+    check_sampled_rows(run_ours(), args, sizes)
+    return args, group_sizes_E, run_ours
+
+
 def torch_grouped_baseline(kind: str, args: dict, sizes: list[int]) -> tuple[dict[str, Callable], str | None]:
     """torch's own grouped GEMMs on the same inputs: {name: fn}, or ({}, why not). offs = cumulative group ends."""
     offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32).to(args["x_MK"].device)
@@ -220,13 +232,7 @@ GEMM_CASES = [
 def test_grouped_gemm(benchmark, device, kind, shape, budget, ceilings):
     E, M, N, K = shape.experts, shape.rows, shape.n, shape.k
     sizes = balanced_group_sizes(M, E)
-    args = {**make_x(kind, M, K, device), **make_weights(kind, E, N, K, device)}
-    group_sizes_E = torch.tensor(sizes, dtype=torch.int32, device=device)
-
-    def run_ours():
-        return ops.grouped_gemm(**args, group_sizes_E=group_sizes_E)
-
-    check_sampled_rows(run_ours(), args, sizes)
+    args, group_sizes_E, run_ours = checked_gemm(kind, sizes, M, E, N, K, device)
     b = budget
     label = f"grouped_gemm.{kind}.{shape.id}"
     t_ours = harness.time_op(run_ours, device, warmup=b.warmup, iters=b.iters, label=f"{label}.ours")
@@ -298,13 +304,7 @@ def test_grouped_gemm_decode(benchmark, shape, budget, ceilings):
     device, kind = "cuda", "fp8"
     E, M, N, K = shape.experts, shape.rows, shape.n, shape.k
     sizes = decode_group_sizes(M, E)
-    args = {**make_x(kind, M, K, device), **make_weights(kind, E, N, K, device)}
-    group_sizes_E = torch.tensor(sizes, dtype=torch.int32, device=device)
-
-    def run_ours():
-        return ops.grouped_gemm(**args, group_sizes_E=group_sizes_E)
-
-    check_sampled_rows(run_ours(), args, sizes)
+    args, _, run_ours = checked_gemm(kind, sizes, M, E, N, K, device)
     b = budget
     label = f"grouped_gemm_decode.{shape.id}"
     t_ours = harness.time_op(run_ours, device, warmup=b.warmup, iters=b.iters, label=f"{label}.ours")

@@ -6,7 +6,6 @@ autograd formulas, and a logged CPU-kernel fallback for CUDA tensors when the bu
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
@@ -20,7 +19,6 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
     ) from exc
 
 ops = torch.ops.llama4
-INT32_MAX = 2**31 - 1
 
 
 def build_info() -> dict:
@@ -89,15 +87,13 @@ if not build_info()["cuda"] and torch.cuda.is_available():  # pragma: no cover
 # --------------------------------------------------------------------------------------------
 # Fake kernels: shapes only (the C++ kernels validate values and raise the detailed errors).
 # --------------------------------------------------------------------------------------------
-def _check(cond: bool, msg: Callable[[], str]) -> None:
-    torch._check(cond, msg)
 
 
 @torch.library.register_fake("llama4::moe_route")
 def _moe_route_fake(logits, top_k, score_func="sigmoid", expert_bias=None, renormalize=False):
-    _check(logits.dim() == 2, lambda: f"moe_route: router_logits must be 2-D [T, E], got {logits.dim()}-D")
+    torch._check(logits.dim() == 2, lambda: f"moe_route: router_logits must be 2-D [T, E], got {logits.dim()}-D")
     T, E = logits.shape
-    _check(1 <= top_k <= E, lambda: f"moe_route: top_k must be in [1, E={E}], got {top_k}")
+    torch._check(1 <= top_k <= E, lambda: f"moe_route: top_k must be in [1, E={E}], got {top_k}")
     weights = logits.new_empty((T, top_k), dtype=torch.float32)
     ids = logits.new_empty((T, top_k), dtype=torch.int32)
     counts = logits.new_empty((E,), dtype=torch.int32)
@@ -109,13 +105,13 @@ def _moe_route_fake(logits, top_k, score_func="sigmoid", expert_bias=None, renor
 
 @torch.library.register_fake("llama4::moe_permute")
 def _moe_permute_fake(x, sorted_slots, slot_positions, topk_weights=None):
-    _check(x.dim() == 2, lambda: f"moe_permute: x must be 2-D [T, D], got {x.dim()}-D")
+    torch._check(x.dim() == 2, lambda: f"moe_permute: x must be 2-D [T, D], got {x.dim()}-D")
     return x.new_empty((sorted_slots.shape[0], x.shape[1]))
 
 
 @torch.library.register_fake("llama4::moe_unpermute")
 def _moe_unpermute_fake(y, sorted_slots, slot_positions, topk_weights=None):
-    _check(y.dim() == 2, lambda: f"moe_unpermute: y must be 2-D [T*K, D], got {y.dim()}-D")
+    torch._check(y.dim() == 2, lambda: f"moe_unpermute: y must be 2-D [T*K, D], got {y.dim()}-D")
     return y.new_empty((slot_positions.shape[0], y.shape[1]))
 
 
