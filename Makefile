@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 TORCH_SPEC ?= torch==2.14.1
 CUTLASS_SPEC ?= nvidia-cutlass==4.2.0.0
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.txt')
-CXX_FORMAT_FILES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+CXX_FORMAT_FILES := $(shell find csrc tests/cpp -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 .PHONY: run test lint format cuda-check bench gpu-check build clean
 

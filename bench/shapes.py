@@ -197,6 +197,13 @@ ATTENTION_BENCH_LOCAL_PATTERNS = [
     AttentionPattern(name="window4096", window=4096),
     AttentionPattern(name="chunk8192", chunk=8192),
 ]
+# Backward benchmarks (CUDA): plain causal at 16K (ATTENTION_BENCH_CAUSAL; target >= 400 TFLOP/s), window 4096 /
+# chunk 8192 (ATTENTION_BENCH_LOCAL_PATTERNS) at 128K (target >= 350 TFLOP/s on the work done and >= 1.5x
+# FlexAttention's backward), and forward + backward of one Scout-width attention layer at 256K on one 80 GB GPU:
+# its chunked RoPE layers and its plain causal NoPE layers.
+ATTENTION_BWD_BENCH_LOCAL_SEQLEN = 131072
+ATTENTION_BWD_BENCH_LAYER = AttentionShape(1, 262144, 262144, 40, 8, 128)
+ATTENTION_BWD_BENCH_LAYER_PATTERNS = [AttentionPattern(name="chunk8192", chunk=8192), AttentionPattern(name="causal")]
 # CPU benchmarks: small and fast (a dense masked torch attention is the baseline there).
 ATTENTION_BENCH_CPU = AttentionShape(1, 4096, 4096, 2, 1, 64)
 ATTENTION_BENCH_CPU_PATTERNS = [AttentionPattern(name="causal"), AttentionPattern(name="window256", window=256)]

@@ -1,5 +1,6 @@
-"""Benchmarks of the whole MoE block (engine.moe.MoE), forward + backward, against the same block
-written the torchtitan way (argsort dispatch, torch._grouped_mm experts, scatter_add combine).
+"""Benchmarks of the whole MoE block (engine.moe.MoE), forward + backward: our BF16 layer against the
+same block written the torchtitan way (argsort dispatch, torch._grouped_mm experts, scatter_add combine),
+and our FP8 layer (engine.ops.fp8_training's recipe) against our own BF16 layer.
 Legend: T tokens, D width, E experts, F expert hidden, K top-k.
 """
 
@@ -11,8 +12,10 @@ import torch
 from bench import harness
 from bench.shapes import SCOUT
 from engine.moe import MoE
+from engine.ops.fp8_training import Fp8Recipe
 
 MOE_TARGET_SPEEDUP = 1.3  # issue 4: the whole layer, forward + backward, vs the torchtitan-style BF16 layer
+FP8_TARGET_SPEEDUP = 1.25  # issue 4: the FP8 layer, forward + backward, vs our own BF16 layer
 GPU_TOKENS = 16384
 CPU_SHAPE = dict(T=256, D=256, F=128, E=8)
 
@@ -39,6 +42,11 @@ def torchtitan_style_moe(moe: MoE):
         return out_TD + moe.shared_expert(x_TD)
 
     return forward
+
+
+def _layer_flops(T: int, D: int, F: int) -> int:
+    """Forward + backward: 3x the forward's 2*T*D*2F + 2*T*F*D (routed, top-1) and the shared expert's same count."""
+    return 3 * 2 * (2 * T * D * 2 * F + 2 * T * F * D)
 
 
 def _fwd_bwd(fn, x_TD):
@@ -68,8 +76,7 @@ def test_moe_layer_forward_backward(benchmark, device, budget, ceilings):
     timing = harness.time_op(ours, device, warmup=budget.warmup, iters=budget.iters, label="moe-ours")
     base = harness.time_op(baseline, device, warmup=budget.warmup, iters=budget.iters, label="moe-torchtitan")
     harness.wall_clock(benchmark, ours, device, budget)
-    # Forward + backward: 3x the forward's 2*T*D*2F + 2*T*F*D (routed) and the shared expert's same count.
-    flops = 3 * 2 * (2 * T * D * 2 * F + 2 * T * F * D)
+    flops = _layer_flops(T, D, F)
     harness.record(
         benchmark,
         ceilings=ceilings,
@@ -81,4 +88,41 @@ def test_moe_layer_forward_backward(benchmark, device, budget, ceilings):
         experts=E,
         dtype=str(dtype).removeprefix("torch."),
         **({"target_speedup": MOE_TARGET_SPEEDUP} if device == "cuda" else {}),
+    )
+
+
+@pytest.mark.benchmark(group="moe_layer_fp8")
+@pytest.mark.parametrize("granularity", ["block128", "row"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_moe_layer_fp8_vs_bf16_forward_backward(benchmark, device, granularity, budget, ceilings):
+    """The FP8 layer (experts and shared expert on the FP8 grouped GEMM, FP8 wgrad) against our BF16
+    layer with the same weights. On CPU the FP8 GEMMs dequantise (no speedup expected: a smoke run)."""
+    if device == "cuda":
+        T, D, F, E = GPU_TOKENS, SCOUT.d_model, SCOUT.d_ff, SCOUT.n_experts
+        dtype = torch.bfloat16
+    else:
+        T, D, F, E = CPU_SHAPE["T"], CPU_SHAPE["D"], CPU_SHAPE["F"], CPU_SHAPE["E"]
+        dtype = torch.float32
+    torch.manual_seed(0)
+    bf16 = MoE(D, F, E, 1, dtype=dtype, device=device)
+    fp8 = MoE(D, F, E, 1, dtype=dtype, device=device, precision="fp8", fp8_recipe=Fp8Recipe(granularity))
+    fp8.load_state_dict(bf16.state_dict())
+    x_TD = torch.randn(T, D, device=device, dtype=dtype)
+    ours = _fwd_bwd(fp8, x_TD)
+    baseline = _fwd_bwd(bf16, x_TD)
+    timing = harness.time_op(ours, device, warmup=budget.warmup, iters=budget.iters, label=f"moe-fp8-{granularity}")
+    base = harness.time_op(baseline, device, warmup=budget.warmup, iters=budget.iters, label="moe-bf16")
+    harness.wall_clock(benchmark, ours, device, budget)
+    harness.record(
+        benchmark,
+        ceilings=ceilings,
+        us=timing["median_us"],
+        flops=_layer_flops(T, D, F),
+        baseline_us=base["median_us"],
+        baseline="our BF16 layer (same weights)",
+        tokens=T,
+        experts=E,
+        granularity=granularity,
+        dtype=str(dtype).removeprefix("torch."),
+        **({"target_speedup": FP8_TARGET_SPEEDUP} if device == "cuda" else {}),
     )

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -16,7 +17,29 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
 
 
+# LLAMA4_TEST_SAMPLE=k keeps at most k parametrisations of each test function (first, last, then evenly
+# spaced): breadth over every kernel when time is short (tools/gpu_check.sh's first pass on a lent GPU).
+SAMPLE_ENV = "LLAMA4_TEST_SAMPLE"
+
+
+def _sample_parametrisations(items: list[pytest.Item], k: int) -> tuple[list[pytest.Item], list[pytest.Item]]:
+    groups: dict[tuple[str, str], list[pytest.Item]] = {}
+    for item in items:
+        groups.setdefault((item.path.as_posix(), getattr(item, "originalname", item.name)), []).append(item)
+    keep: set[int] = set()
+    for members in groups.values():
+        n = len(members)
+        picks = {0, n - 1} | {round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}
+        keep |= {id(members[i]) for i in sorted(picks)[:k]}
+    return [it for it in items if id(it) in keep], [it for it in items if id(it) not in keep]
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection: sample what would run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    sample = os.environ.get(SAMPLE_ENV)
+    if sample:
+        items[:], deselected = _sample_parametrisations(items, max(1, int(sample)))
+        config.hook.pytest_deselected(items=deselected)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason=GPU_SKIP_REASON)

@@ -181,6 +181,38 @@ def assert_sparse_attention_close(
     assert error <= allowed, f"attention error {error:.3e} > allowed {allowed:.3e}"
 
 
+# Attention gradients (dq, dk, dv of sparse_attention's backward), each against float64 autograd of the dense
+# reference: the same rule, with plain torch autograd of the same dtype's dense attention as the yardstick, plus
+# ATTENTION_FP32_FLOOR relative to the gradient's largest entry (at least 1), for every dtype. Reasons: unlike the
+# forward's output (a convex combination of values, |out| <= max|v|), a gradient sums up to S (query, key) terms
+# (dk / dv of a key every query sees), so its magnitude, and its float32 rounding, grow with that count; and a
+# gradient that is analytically 0 (dS = p (dP - delta) of a row that sees one key, where delta = dP exactly) is
+# the difference of two float32 sums taken in different orders (a GEMM and a row dot, on CPU and GPU alike),
+# which the same-dtype yardstick and the rounding floor (both 0 there) do not cover. For half dtypes the floor is
+# ~1/400 of a bf16 ulp at 1: any shortcut through a half dtype still costs >= 1e-3 relative and fails.
+def sparse_attention_grad_tolerance(
+    grad_torch_lowp: torch.Tensor, grad_ref64: torch.Tensor, dtype: torch.dtype
+) -> float:
+    """Largest allowed max|grad - grad_ref64| for a gradient of an attention with inputs in `dtype`."""
+    if grad_ref64.numel() == 0:
+        return 0.0
+    floor = ATTENTION_FP32_FLOOR * max(1.0, grad_ref64.double().abs().max().item())
+    return attention_tolerance(grad_torch_lowp, grad_ref64, dtype) + floor
+
+
+def assert_sparse_attention_grad_close(
+    name: str, grad: torch.Tensor, grad_torch_lowp: torch.Tensor, grad_ref64: torch.Tensor, dtype: torch.dtype
+) -> None:
+    assert grad is not None, f"{name}: no gradient"
+    assert grad.shape == grad_ref64.shape, (name, grad.shape, grad_ref64.shape)
+    assert not grad.isnan().any(), f"{name} has NaN"
+    if grad.numel() == 0:
+        return
+    error = (grad.double().cpu() - grad_ref64.double().cpu()).abs().max().item()
+    allowed = sparse_attention_grad_tolerance(grad_torch_lowp.cpu(), grad_ref64.cpu(), dtype)
+    assert error <= allowed, f"{name}: attention gradient error {error:.3e} > allowed {allowed:.3e}"
+
+
 # The log-sum-exp (lse, float32) of float32 inputs, against float64. Reason: the kernel forms each score
 # as a float32 dot product of D terms and sums the exponentials in float32/float64, so lse = max + log(sum)
 # carries a few float32 ulps of the scores: 1e-5 relative; the absolute part covers an lse near 0, where
@@ -231,3 +263,169 @@ def fp8_rounding_bound(ref: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.
 # to the outlier's own block. Measured on the test's data the block128 mean relative error is ~0.3x the
 # per-row one; we require it to be below half.
 BLOCK128_VS_ROW_MAX_ERROR_RATIO = 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked cross-entropy (engine.ops.chunked_cross_entropy).
+# --------------------------------------------------------------------------------------------
+# Reason: the same rule as attention (a factor over the error of plain torch in the same dtype, against
+# float64): the loss and its gradients are dot products over D and a log-sum-exp over V, whose float32
+# rounding depends on the order of the sums (blocked BLAS vs chunked); a chunking bug (a wrong row, a
+# missed chunk, a lost lse) is off by O(1). Half-precision inputs: plain torch rounds the logits to the
+# dtype, we keep them in float32, so we must be at least as close. The floor is 64 float32 ulps of the
+# largest reference value (a sum of V terms loses up to log2(V) ulps in pairwise summation).
+LOSS_ERROR_FACTOR = 2.0
+LOSS_FLOOR_ULPS = 64
+
+
+def assert_loss_close(actual: torch.Tensor, torch_same_dtype: torch.Tensor, ref64: torch.Tensor) -> None:
+    """max|actual - ref64| <= LOSS_ERROR_FACTOR * max|torch_same_dtype - ref64| + floor."""
+    assert actual is not None, "no value / gradient"
+    assert actual.shape == ref64.shape, (actual.shape, ref64.shape)
+    ref = ref64.double().cpu()
+    error = (actual.double().cpu() - ref).abs().max().item() if ref.numel() else 0.0
+    torch_error = (torch_same_dtype.double().cpu() - ref).abs().max().item() if ref.numel() else 0.0
+    floor = LOSS_FLOOR_ULPS * FP32_EPS * (ref.abs().max().item() if ref.numel() else 0.0)
+    allowed = LOSS_ERROR_FACTOR * torch_error + floor
+    assert error <= allowed, f"error {error:.3e} > allowed {allowed:.3e} (plain torch: {torch_error:.3e})"
+
+
+# --------------------------------------------------------------------------------------------
+# The MoE layer in low precision (engine.moe.MoE, precision "bf16" / "fp8"), against the float64 MoE.
+# --------------------------------------------------------------------------------------------
+# Reason: here the error is the rounding of the operands themselves, not of the GEMMs (those have their
+# own rule above), so DeepGEMM's calc_diff, taken against the *unquantised* float64 layer, for the output,
+# x's gradient and every parameter's gradient. One rounding to a format with m mantissa bits has a
+# relative error uniform in +-2^-(m+1) within a binade; its mean square over the binade is about
+# 2^-2(m+1) / 6, and a GEMM rounds two operands: calc_diff ~ 0.5 * 2 * 2^-2(m+1) / 6 per GEMM. e4m3 (m=3):
+# ~3e-4 per GEMM; the forward chains 2 GEMMs of the routed experts (and the shared expert's 2), a weight
+# gradient sees up to 4 quantised GEMMs upstream: measured 2.0e-3 (e4m3 everywhere) and 3.8e-3 (e5m2
+# gradients, m=2: 4x the variance of the gradient roundings) on the tests' shapes. Bounds: 2.5x those.
+# A wrong scale, transpose, expert or group boundary costs >= 1e-1.
+# The router's weight gradient is a sum over rows of <upstream gradient, x> dot products (x scaled by
+# the routing weight), each a sum of D signed terms: a single row's dot product may cancel to nearly 0,
+# and then its FP8 error is relative to the terms, not to the result (measured calc_diff 0.2 at T = 1).
+# Averaged over >= 32 rows the measured worst case over 12 seeds is 2.6e-3 (e4m3), 6.3e-3 (e5m2 grads).
+FP8_LAYER_ROUTER_MIN_ROWS = 32
+FP8_LAYER_MAX_DIFF_E4M3 = 5e-3
+FP8_LAYER_MAX_DIFF_E5M2_GRADS = 1e-2
+# BF16 (m=7): 256x less per rounding than e4m3, and the layer keeps float32 accumulators; measured
+# ~1e-5 on the tests' shapes, bound 1e-4.
+BF16_LAYER_MAX_DIFF = 1e-4
+
+
+def fp8_layer_max_diff(grad_dtype: torch.dtype) -> float:
+    """calc_diff bound of the FP8 MoE layer vs float64, by the dtype its gradients are quantised to."""
+    return FP8_LAYER_MAX_DIFF_E5M2_GRADS if grad_dtype == torch.float8_e5m2 else FP8_LAYER_MAX_DIFF_E4M3
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped weight gradient (grouped_gemm_wgrad) with BF16 / float32 inputs. FP8 inputs: calc_diff above.
+# --------------------------------------------------------------------------------------------
+# Reason: each dw[e, n, k] is a float32 sum over the expert's R rows of products that are exact (bf16 x bf16) or
+# rounded once (float32 x float32, CPU), in an order the kernel picks (blocked BLAS, tensor-core k-slices). Any
+# order's error is at most R * u * sum |terms| with u = eps / 2, so R * FP32_EPS * sum |terms| holds for every order
+# with 2x to spare (tensor cores need not round to nearest inside an MMA); it is relative to sum |terms|, not to
+# |result|, because signed terms cancel. A bfloat16 result rounds once more: eps(bf16) * |ref|.
+def assert_wgrad_close(dw_ENK: torch.Tensor, ref_ENK: torch.Tensor, abs_sum_ENK: torch.Tensor, rows: int) -> None:
+    """Element-wise |dw - ref| <= rows * FP32_EPS * abs_sum + eps(dw.dtype) * |ref| (bf16 only) + a subnormal;
+    ref_ENK / abs_sum_ENK = sum_m dy x / sum_m |dy x| in float64; rows = the largest group size."""
+    assert dw_ENK.shape == ref_ENK.shape, (dw_ENK.shape, ref_ENK.shape)
+    out, ref, abs_sum = dw_ENK.double().cpu(), ref_ENK.double().cpu(), abs_sum_ENK.double().cpu()
+    rounding = eps(dw_ENK.dtype) if dw_ENK.dtype != torch.float32 else 0.0
+    bound = max(rows, 1) * FP32_EPS * abs_sum + rounding * ref.abs() + smallest_subnormal(dw_ENK.dtype)
+    err = (out - ref).abs()
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"grouped_gemm_wgrad: {int(bad.sum())} of {bad.numel()} elements out of tolerance; first at {idx}: "
+            f"got {out[tuple(idx)].item()!r}, expected {ref[tuple(idx)].item()!r}, "
+            f"allowed {bound[tuple(idx)].item():.3e}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model (engine.model) against transformers and against itself.
+# --------------------------------------------------------------------------------------------
+# Float32 against transformers' float32 Llama4ForCausalLM (issue #8's bound), logits and parameter gradients,
+# relative to the largest |value|: the two run the same maths in another order (blocked attention vs an eager
+# softmax, grouped expert GEMMs vs bmm), which moves them by float32 rounding (measured ~5e-7); a wrong mask,
+# RoPE pairing, scale or routing moves them by > 1e-2.
+MODEL_PARITY_RTOL = 1e-4
+# Float32 model against itself in another grouping (whole sequence vs token-by-token decode through the KV
+# cache, checkpointed vs stored activations): float32 rounding only (measured ~1e-6 of the largest logit).
+MODEL_SELF_RTOL = 1e-5
+# A bfloat16 model on CUDA against the float32 reference: at most this many times the error of transformers'
+# own bfloat16 model on the same GPU (FlashAttention's rule, applied to logits), plus one bf16 ulp of max |logit|.
+MODEL_BF16_ERROR_FACTOR = 2.0
+
+
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    """max |actual - expected| <= rtol * max |expected| (float64; NaN fails)."""
+    a, e = actual.double().cpu(), expected.double().cpu()
+    assert a.shape == e.shape, (what, a.shape, e.shape)
+    err = ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+    assert err <= rtol, f"{what}: max relative error {err:.2e} > {rtol:.1e}"
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy generation in bf16 (CUDA): cached decode vs a full forward.
+# --------------------------------------------------------------------------------------------
+# Reason: in bf16 a decode step (one query against the KV cache) and a full forward (every query at once)
+# sum in different orders and round the hidden states differently, so two logits closer than that rounding
+# may swap. A token is accepted when its full-forward logit is below the row's maximum by at most 4 bf16
+# ulps of the row's largest |logit| (the residual stream of a few layers carries a few roundings); a wrong
+# token (a cache bug, a wrong position) misses by O(1).
+GREEDY_TIE_BF16_ULPS = 4
+
+
+def greedy_tie_tol(logits_BNV: torch.Tensor) -> torch.Tensor:
+    """Per row: how far below the maximum logit a greedily chosen token may be (bf16 rounding)."""
+    return GREEDY_TIE_BF16_ULPS * eps(torch.bfloat16) * logits_BNV.abs().amax(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm and RoPE + QK-norm + query scale (engine.ops.rms_norm, engine.ops.rope_qk_norm).
+# --------------------------------------------------------------------------------------------
+# Against the reference in the SAME dtype (the same chain of float32 stages, each rounded to the dtype): the CPU
+# op runs the same torch maths and must be bit-exact. A kernel's float32 stage may differ from torch's by a few
+# float32 ulps (the mean of squares summed in another order, an FMA in the rotation), which moves a value rounded
+# to the dtype by one ulp where it sits at a rounding boundary; each later rounded stage can carry that one ulp
+# on: rtol = (rounded stages) * eps(dtype). The absolute part is float32 noise of the largest value (a rotation
+# that cancels to ~0 keeps the float32 error of its terms, not one relative to itself). Float32 inputs:
+# NORM_RTOL_FP32 (~80 ulps) covers a D-term sum of squares in another order; a bf16 shortcut costs >= 4e-3.
+NORM_RTOL_FP32 = 1e-5
+NORM_ATOL_FP32_ULPS = 16
+
+
+def norm_same_dtype_tol(dtype: torch.dtype, rounded_stages: int, ref: torch.Tensor) -> dict:
+    """assert_close kwargs for a norm / RoPE kernel output in `dtype` against the reference in `dtype`."""
+    rtol = NORM_RTOL_FP32 if dtype == torch.float32 else max(1, rounded_stages) * eps(dtype)
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return dict(rtol=rtol, atol=NORM_ATOL_FP32_ULPS * FP32_EPS * scale + smallest_subnormal(dtype))
+
+
+# Against float64 (values and gradients): the attention / loss rule. At most NORM_ERROR_FACTOR times the error of
+# plain torch in the same dtype (the reference's maths, autograd for the gradients) plus a floor of
+# NORM_FLOOR_ULPS float32 ulps of the largest value. Reason: the forward rounds exactly where plain torch does,
+# so its error is torch's; the backward is float32 maths rounded once, where torch's autograd rounds the
+# gradient at every stage, so it is at least as close. A wrong pairing, sign, missing Jacobian term or scale
+# is off by O(1) and fails.
+NORM_ERROR_FACTOR = 2.0
+NORM_FLOOR_ULPS = 64
+
+
+def assert_norm_close(
+    actual: torch.Tensor, torch_same_dtype: torch.Tensor, ref64: torch.Tensor, what: str = ""
+) -> None:
+    """max|actual - ref64| <= NORM_ERROR_FACTOR * max|torch_same_dtype - ref64| + floor (NaN fails)."""
+    assert actual is not None, f"{what}: no value / gradient"
+    assert actual.shape == ref64.shape, (what, actual.shape, ref64.shape)
+    ref = ref64.double().cpu()
+    if ref.numel() == 0:
+        return
+    error = (actual.double().cpu() - ref).abs().max().item()
+    torch_error = (torch_same_dtype.double().cpu() - ref).abs().max().item()
+    allowed = NORM_ERROR_FACTOR * torch_error + NORM_FLOOR_ULPS * FP32_EPS * ref.abs().max().item()
+    assert error <= allowed, f"{what}: error {error:.3e} > allowed {allowed:.3e} (plain torch: {torch_error:.3e})"

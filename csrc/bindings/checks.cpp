@@ -349,6 +349,69 @@ GroupedGemmSizes check_grouped_gemm_args(const at::Tensor& x, const at::Tensor& 
   return {M, N, K, E, fp8, block_scales};
 }
 
+GroupedWgradSizes check_grouped_wgrad_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& group_sizes,
+                                           const std::optional<at::Tensor>& dy_scale,
+                                           const std::optional<at::Tensor>& x_scale, at::ScalarType out_dtype) {
+  constexpr const char* op = "grouped_gemm_wgrad";
+  TORCH_CHECK_VALUE(dy.dim() == 2, op, ": dy must be 2-D [M, N], got shape ", dy.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
+  const bool fp8 = dy.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK_TYPE(fp8 || dy.scalar_type() == at::kBFloat16 || (dy.is_cpu() && dy.scalar_type() == at::kFloat), op,
+                   ": dy must be bfloat16 or float8_e4m3fn (or float32 on CPU), got ", dy.scalar_type());
+  TORCH_CHECK_TYPE(x.scalar_type() == dy.scalar_type(), op, ": x must have dy's dtype ", dy.scalar_type(), ", got ",
+                   x.scalar_type());
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1), E = group_sizes.dim() == 1 ? group_sizes.size(0) : 0;
+  TORCH_CHECK_VALUE(x.size(0) == M, op, ": x must have dy's M = ", M, " rows (the same routed rows), got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(dy.is_contiguous() && x.is_contiguous(), op,
+                    ": dy and x must be contiguous (row-major [M, N] and [M, K])");
+  TORCH_CHECK_VALUE(group_sizes.dim() == 1 && E >= 1, op, ": group_sizes must have shape [E] with E >= 1, got ",
+                    group_sizes.sizes());
+  TORCH_CHECK_TYPE(group_sizes.scalar_type() == at::kInt, op, ": group_sizes must be int32, got ",
+                   group_sizes.scalar_type());
+  TORCH_CHECK_VALUE(group_sizes.is_contiguous(), op, ": group_sizes must be contiguous");
+  for (const auto& [t, name] : {std::pair{&x, "x"}, std::pair{&group_sizes, "group_sizes"}}) {
+    TORCH_CHECK_VALUE(t->device() == dy.device(), op, ": ", name, " must be on ", dy.device(), " like dy, got ",
+                      t->device());
+  }
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kBFloat16, op,
+                   ": out_dtype must be float32 (the master-gradient dtype) or bfloat16, got ", out_dtype);
+  if (!fp8) {
+    TORCH_CHECK_VALUE(!dy_scale.has_value() && !x_scale.has_value(), op,
+                      ": dy_scale and x_scale apply to float8 inputs only (dy is ", dy.scalar_type(), ")");
+    return {M, N, K, E, fp8};
+  }
+  TORCH_CHECK_VALUE(dy_scale.has_value() && x_scale.has_value(), op,
+                    ": float8 inputs need dy_scale [E, N] and x_scale [E, K] (per expert and channel)");
+  for (const auto& [t, name, cols] : {std::tuple{&*dy_scale, "dy_scale", N}, std::tuple{&*x_scale, "x_scale", K}}) {
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == E && t->size(1) == cols, op, ": ", name,
+                      " must be per expert and channel [E, ", cols, "] = [", E, ", ", cols, "], got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK_VALUE(t->device() == dy.device(), op, ": ", name, " must be on ", dy.device(), " like dy, got ",
+                      t->device());
+  }
+  return {M, N, K, E, fp8};
+}
+
+Fp8GroupedQuantSizes check_fp8_quant_grouped_args(const at::Tensor& x, const at::Tensor& group_sizes,
+                                                  at::ScalarType fp8_dtype) {
+  constexpr const char* op = "quantize_fp8_grouped";
+  const kernels::Fp8Kind kind = parse_fp8_dtype(op, "fp8_dtype", fp8_dtype);
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, C], got shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous, got strides ", x.strides());
+  TORCH_CHECK_VALUE(group_sizes.dim() == 1 && group_sizes.size(0) >= 1, op,
+                    ": group_sizes must have shape [E] with E >= 1, got ", group_sizes.sizes());
+  TORCH_CHECK_TYPE(group_sizes.scalar_type() == at::kInt, op, ": group_sizes must be int32, got ",
+                   group_sizes.scalar_type());
+  TORCH_CHECK_VALUE(group_sizes.is_contiguous(), op, ": group_sizes must be contiguous");
+  TORCH_CHECK_VALUE(group_sizes.device() == x.device(), op, ": group_sizes must be on ", x.device(), " like x, got ",
+                    group_sizes.device());
+  return {x.size(0), x.size(1), group_sizes.size(0), kind};
+}
+
 AttentionSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const std::optional<at::Tensor>& cu_seqlens_q,
                                     const std::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t window,
@@ -356,8 +419,9 @@ AttentionSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, co
   constexpr const char* op = "sparse_attention";
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name, " must be 4-D [B, S, heads, D], got shape ", t->sizes());
-    TORCH_CHECK_TYPE(is_supported_float(t->scalar_type()), op, ": ", name,
-                     " must be bfloat16, float16 or float32, got ", t->scalar_type());
+    // float64: CPU only, the precision torch.autograd.gradcheck needs.
+    TORCH_CHECK_TYPE(is_supported_float(t->scalar_type()) || (t->is_cpu() && t->scalar_type() == at::kDouble), op, ": ",
+                     name, " must be bfloat16, float16 or float32 (or float64 on CPU), got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->stride(3) == 1, op, ": ", name, " must have unit stride along D, got strides ", t->strides());
     TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ",
                       t->device());
@@ -413,6 +477,32 @@ AttentionSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, co
   const kernels::AttentionMask mask{causal, static_cast<int32_t>(window), static_cast<int32_t>(chunk),
                                     static_cast<int32_t>(global_stride), static_cast<int32_t>(sinks)};
   return {B, S, Sk, H, G, D, num_seqs, mask};
+}
+
+AttentionSizes check_attention_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                        const std::optional<at::Tensor>& cu_seqlens_q,
+                                        const std::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t window,
+                                        int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale) {
+  constexpr const char* op = "sparse_attention_bwd";
+  const AttentionSizes sz = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, chunk,
+                                                 global_stride, sinks, softmax_scale);
+  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), op, ": ", name, " must have q's shape [B, S, H, D] = ", q.sizes(),
+                      ", got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
+                     ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ",
+                      t->device());
+    TORCH_CHECK_VALUE(t->stride(3) == 1, op, ": ", name, " must have unit stride along D, got strides ", t->strides());
+  }
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == sz.batch && lse.size(1) == sz.heads && lse.size(2) == sz.seqlen_q,
+                    op, ": lse must be the forward's [B, H, S] = [", sz.batch, ", ", sz.heads, ", ", sz.seqlen_q,
+                    "], got ", lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.device() == q.device(), op, ": lse must be on ", q.device(), " like q, got ", lse.device());
+  TORCH_CHECK_VALUE(lse.is_contiguous(), op, ": lse must be contiguous, got strides ", lse.strides());
+  return sz;
 }
 
 DecodeSizes check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

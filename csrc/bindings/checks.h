@@ -98,6 +98,27 @@ GroupedGemmSizes check_grouped_gemm_args(const at::Tensor& x, const at::Tensor& 
                                          const std::optional<at::Tensor>& x_scale,
                                          const std::optional<at::Tensor>& w_scale, at::ScalarType out_dtype);
 
+// A validated grouped weight gradient: dy [M, N], x [M, K] (same dtype: bfloat16, float8_e4m3fn, or float32 on CPU),
+// group_sizes int32 [E]; float8 needs dy_scale [E, N] and x_scale [E, K] float32; out_dtype float32 or bfloat16.
+struct GroupedWgradSizes {
+  int64_t M, N, K, E;
+  bool fp8;
+};
+
+GroupedWgradSizes check_grouped_wgrad_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& group_sizes,
+                                           const std::optional<at::Tensor>& dy_scale,
+                                           const std::optional<at::Tensor>& x_scale, at::ScalarType out_dtype);
+
+// A validated per-(expert, channel) FP8 quantisation: x [M, C] float32/float16/bfloat16 contiguous, group_sizes int32
+// [E] (E >= 1) on x's device, fp8_dtype float8_e4m3fn or float8_e5m2.
+struct Fp8GroupedQuantSizes {
+  int64_t M, C, E;
+  kernels::Fp8Kind kind;
+};
+
+Fp8GroupedQuantSizes check_fp8_quant_grouped_args(const at::Tensor& x, const at::Tensor& group_sizes,
+                                                  at::ScalarType fp8_dtype);
+
 // A validated sparse-global attention call. Dense: q [B, S, H, D], k/v [B, Sk, G, D]. Varlen: B = 1,
 // cu_seqlens_q / cu_seqlens_k int32 [num_seqs + 1].
 struct AttentionSizes {
@@ -110,6 +131,14 @@ AttentionSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, co
                                     const std::optional<at::Tensor>& cu_seqlens_q,
                                     const std::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t window,
                                     int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale);
+
+// A validated sparse-global attention backward: check_attention_args on (q, k, v, mask), then dout / out with
+// q's shape and dtype and unit stride along D, lse float32 [B, H, S] contiguous, all on q's device.
+AttentionSizes check_attention_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                        const std::optional<at::Tensor>& cu_seqlens_q,
+                                        const std::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t window,
+                                        int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale);
 
 // A validated decode call: q [B, H, D]; k_cache / v_cache [B, Smax, G, D] (q's dtype, or float8_e4m3fn with
 // k_scale / v_scale float32 [G]); cache_seqlens int32 [B]; key_positions int32 [B, Smax]; query_positions int32 [B].

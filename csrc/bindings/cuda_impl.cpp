@@ -8,10 +8,13 @@
 #include "bindings/checks.h"
 #include "kernels/adamw8bit.h"
 #include "kernels/fp8_quant.h"
+#include "kernels/fp8_quant_grouped.h"
 #include "kernels/grouped_gemm.h"
+#include "kernels/grouped_gemm_wgrad.h"
 #include "kernels/moe_permute.h"
 #include "kernels/route_topk.h"
 #include "kernels/sparse_attention.h"
+#include "kernels/sparse_attention_bwd.h"
 #include "kernels/sparse_attention_decode.h"
 
 namespace llama4 {
@@ -282,6 +285,76 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
   return out;
 }
 
+at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& group_sizes,
+                                   const std::optional<at::Tensor>& dy_scale, const std::optional<at::Tensor>& x_scale,
+                                   std::optional<at::ScalarType> out_dtype) {
+  constexpr const char* op = "grouped_gemm_wgrad";
+  const at::ScalarType dtype = out_dtype.value_or(at::kFloat);
+  const GroupedWgradSizes sz = check_grouped_wgrad_args(dy, x, group_sizes, dy_scale, x_scale, dtype);
+  check_cuda(dy, op, "dy");
+  const int64_t align = sz.fp8 ? kernels::kGroupedGemmAlignFp8 : kernels::kGroupedGemmAlignBf16;
+  TORCH_CHECK_VALUE(sz.N % align == 0 && sz.K % align == 0, op, ": on CUDA, N and K must be multiples of ", align,
+                    " for ", sz.fp8 ? "float8" : "bfloat16", " inputs (TMA moves 16-byte rows), got N = ", sz.N,
+                    ", K = ", sz.K);
+  TORCH_CHECK_VALUE(sz.M <= kernels::kGroupedGemmMaxDim, op, ": on CUDA, M must be at most 2^31 - 1, got ", sz.M);
+  TORCH_CHECK_VALUE(sz.E <= kernels::kWgradMaxExperts, op, ": on CUDA, at most ", kernels::kWgradMaxExperts,
+                    " experts (group_sizes [E]), got E = ", sz.E);
+  for (const auto& [t, name] : {std::pair{&dy, "dy"}, std::pair{&x, "x"}}) {
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t->data_ptr()) % kernels::kGroupedGemmPtrAlign == 0, op,
+                      ": on CUDA, ", name, " must start at a 16-byte aligned address (TMA), got a view at offset ",
+                      t->storage_offset());
+  }
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const auto dw_options = dy.options().dtype(dtype);
+  if (sz.M == 0 || sz.N == 0 || sz.K == 0) return at::zeros({sz.E, sz.N, sz.K}, dw_options);  // empty reductions
+  at::Tensor dw = at::empty({sz.E, sz.N, sz.K}, dw_options);
+  const kernels::GemmInput input = sz.fp8 ? kernels::GemmInput::kFloat8E4M3 : kernels::GemmInput::kBFloat16;
+  const kernels::WgradOut out_kind = dtype == at::kFloat ? kernels::WgradOut::kFloat32 : kernels::WgradOut::kBFloat16;
+  const size_t ws_bytes =
+      kernels::grouped_gemm_wgrad_workspace_bytes(static_cast<int32_t>(sz.E), sz.M, sz.N, sz.K, input, out_kind);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, dy.options().dtype(at::kByte));
+  kernels::GroupedWgradParams p{};
+  p.dy = dy.data_ptr();
+  p.x = x.data_ptr();
+  p.group_sizes = group_sizes.data_ptr<int32_t>();
+  p.M = sz.M;
+  p.N = sz.N;
+  p.K = sz.K;
+  p.E = static_cast<int32_t>(sz.E);
+  p.input = input;
+  p.dy_scale = sz.fp8 ? dy_scale->data_ptr<float>() : nullptr;
+  p.x_scale = sz.fp8 ? x_scale->data_ptr<float>() : nullptr;
+  p.out_dtype = out_kind;
+  p.dw = dw.data_ptr();
+  p.workspace = ws_bytes ? workspace.data_ptr() : nullptr;
+  check_launch(kernels::grouped_gemm_wgrad(p, c10::cuda::getCurrentCUDAStream()), op);
+  return dw;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_grouped_cuda(const at::Tensor& x, const at::Tensor& group_sizes,
+                                                             at::ScalarType fp8_dtype) {
+  constexpr const char* op = "quantize_fp8_grouped";
+  const Fp8GroupedQuantSizes sz = check_fp8_quant_grouped_args(x, group_sizes, fp8_dtype);
+  check_cuda(x, op, "x");
+  TORCH_CHECK_VALUE(sz.E <= kernels::kQuantGroupedMaxExperts, op, ": on CUDA, at most ",
+                    kernels::kQuantGroupedMaxExperts, " experts (group_sizes [E]), got E = ", sz.E);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({sz.M, sz.C}, x.options().dtype(fp8_dtype));
+  at::Tensor scale = at::empty({sz.E, sz.C}, x.options().dtype(at::kFloat));
+  kernels::Fp8GroupedQuantParams p{};
+  p.x = x.data_ptr();
+  p.x_dtype = to_kernel_dtype(x.scalar_type());
+  p.rows = sz.M;
+  p.cols = sz.C;
+  p.group_sizes = group_sizes.data_ptr<int32_t>();
+  p.E = static_cast<int32_t>(sz.E);
+  p.kind = sz.kind;
+  p.out = static_cast<uint8_t*>(out.data_ptr());
+  p.scale = scale.data_ptr<float>();
+  check_launch(kernels::quantize_fp8_grouped(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {out, scale};
+}
+
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v,
                                                              const std::optional<at::Tensor>& cu_seqlens_q,
@@ -330,6 +403,69 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
   p.softmax_scale = static_cast<float>(softmax_scale);
   check_launch(kernels::sparse_attention_fwd(p, c10::cuda::getCurrentCUDAStream()), op);
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    bool causal, int64_t window, int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale,
+    bool deterministic) {
+  constexpr const char* op = "sparse_attention_bwd";
+  const AttentionSizes sz = check_attention_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
+                                                     window, chunk, global_stride, sinks, softmax_scale);
+  check_cuda(q, op, "q");
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+                   ": on CUDA, q, k, v, out and dout must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(sz.head_dim == 64 || sz.head_dim == 128, op, ": on CUDA, head_dim must be 64 or 128, got ",
+                    sz.head_dim);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty({sz.batch, sz.seqlen_q, sz.heads, sz.head_dim}, q.options());
+  at::Tensor dk = at::empty({sz.batch, sz.seqlen_k, sz.kv_heads, sz.head_dim}, k.options());
+  at::Tensor dv = at::empty({sz.batch, sz.seqlen_k, sz.kv_heads, sz.head_dim}, v.options());
+  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
+  // delta = rowsum(dout * out) and lse in log2 units: two [B, H, S] float32 arrays.
+  const size_t ws_bytes =
+      kernels::sparse_attention_bwd_workspace_bytes(sz.batch, static_cast<int32_t>(sz.heads), sz.seqlen_q);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  kernels::SparseAttentionBwdParams p{};
+  p.dout = dout.data_ptr();
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.workspace = ws_bytes ? workspace.data_ptr() : nullptr;
+  p.dtype = to_kernel_dtype(q.scalar_type());
+  p.batch = sz.batch;
+  p.seqlen_q = sz.seqlen_q;
+  p.seqlen_k = sz.seqlen_k;
+  p.heads = static_cast<int32_t>(sz.heads);
+  p.kv_heads = static_cast<int32_t>(sz.kv_heads);
+  p.head_dim = static_cast<int32_t>(sz.head_dim);
+  for (int d = 0; d < 3; ++d) {
+    p.dout_strides[d] = dout.stride(d);
+    p.q_strides[d] = q.stride(d);
+    p.k_strides[d] = k.stride(d);
+    p.v_strides[d] = v.stride(d);
+    p.out_strides[d] = out.stride(d);
+  }
+  if (cu_seqlens_q.has_value()) {
+    p.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_seqlens_k->data_ptr<int32_t>();
+    p.num_seqs = static_cast<int32_t>(sz.num_seqs);
+    // The longest sequences are not known on the host without a sync: bound them by the totals (tiles past a
+    // sequence's end exit at once).
+    p.max_seqlen_q = static_cast<int32_t>(sz.seqlen_q);
+    p.max_seqlen_k = static_cast<int32_t>(sz.seqlen_k);
+  }
+  p.mask = sz.mask;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.deterministic = deterministic;  // always deterministic (no atomics): see sparse_attention_bwd.h
+  check_launch(kernels::sparse_attention_bwd(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {dq, dk, dv};
 }
 
 int32_t multiprocessor_count(int device) {
@@ -401,7 +537,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_decode_cuda(
 TORCH_LIBRARY_IMPL(llama4, CUDA, m) {
   m.impl("sparse_attention_decode", &sparse_attention_decode_cuda);
   m.impl("sparse_attention_fwd", &sparse_attention_fwd_cuda);
+  m.impl("sparse_attention_bwd", &sparse_attention_bwd_cuda);
   m.impl("grouped_gemm", &grouped_gemm_cuda);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_cuda);
+  m.impl("quantize_fp8_grouped", &quantize_fp8_grouped_cuda);
   m.impl("quantize_fp8", &quantize_fp8_cuda);
   m.impl("dequantize_fp8", &dequantize_fp8_cuda);
   m.impl("swiglu_quant", &swiglu_quant_cuda);

@@ -28,9 +28,10 @@ namespace {
 pybind11::dict build_info() {
   pybind11::dict info;
   pybind11::list kernels;
-  for (const char* name : {"moe_route_cpu", "moe_permute_cpu", "moe_unpermute_cpu", "adamw8bit_step_cpu",
-                           "quantize_blockwise_cpu", "quantize_fp8_cpu", "swiglu_quant_cpu", "grouped_gemm_cpu",
-                           "sparse_attention_fwd_cpu", "sparse_attention_decode_cpu"})
+  for (const char* name :
+       {"moe_route_cpu", "moe_permute_cpu", "moe_unpermute_cpu", "adamw8bit_step_cpu", "quantize_blockwise_cpu",
+        "quantize_fp8_cpu", "swiglu_quant_cpu", "grouped_gemm_cpu", "grouped_gemm_wgrad_cpu",
+        "quantize_fp8_grouped_cpu", "sparse_attention_fwd_cpu", "sparse_attention_decode_cpu"})
     kernels.append(name);
 #ifdef LLAMA4_WITH_CUDA
   info["cuda"] = true;
@@ -38,6 +39,7 @@ pybind11::dict build_info() {
   for (const char* name :
        {"route_topk_sm90", "moe_permute_sm90", "moe_unpermute_sm90", "adamw8bit_step_sm90", "quantize_blockwise_sm90",
         "quantize_fp8_sm90", "swiglu_quant_sm90", "grouped_gemm_bf16_sm90", "grouped_gemm_fp8_sm90",
+        "grouped_gemm_wgrad_bf16_sm90", "grouped_gemm_wgrad_fp8_sm90", "quantize_fp8_grouped_sm90",
         "sparse_attention_fwd_sm80", "sparse_attention_decode_sm80"})
     kernels.append(name);
 #else

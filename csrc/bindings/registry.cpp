@@ -83,6 +83,20 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   return cpu::grouped_gemm(x, w, group_sizes, x_scale, w_scale, sz, dtype);
 }
 
+at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& group_sizes,
+                                  const std::optional<at::Tensor>& dy_scale, const std::optional<at::Tensor>& x_scale,
+                                  std::optional<at::ScalarType> out_dtype) {
+  const at::ScalarType dtype = out_dtype.value_or(at::kFloat);
+  const GroupedWgradSizes sz = check_grouped_wgrad_args(dy, x, group_sizes, dy_scale, x_scale, dtype);
+  return cpu::grouped_gemm_wgrad(dy, x, group_sizes, dy_scale, x_scale, sz, dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_grouped_cpu(const at::Tensor& x, const at::Tensor& group_sizes,
+                                                            at::ScalarType fp8_dtype) {
+  const Fp8GroupedQuantSizes sz = check_fp8_quant_grouped_args(x, group_sizes, fp8_dtype);
+  return cpu::quantize_fp8_grouped(x, group_sizes, sz, fp8_dtype);
+}
+
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v,
                                                             const std::optional<at::Tensor>& cu_seqlens_q,
@@ -92,6 +106,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
   const AttentionSizes sz = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, chunk,
                                                  global_stride, sinks, softmax_scale);
   return cpu::sparse_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, sz, softmax_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    bool causal, int64_t window, int64_t chunk, int64_t global_stride, int64_t sinks, double softmax_scale,
+    bool /*deterministic: the CPU kernel always is*/) {
+  const AttentionSizes sz = check_attention_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
+                                                     window, chunk, global_stride, sinks, softmax_scale);
+  return cpu::sparse_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sz, softmax_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_decode_cpu(
@@ -139,12 +163,31 @@ TORCH_LIBRARY(llama4, m) {
   m.def(
       "grouped_gemm(Tensor x, Tensor w, Tensor group_sizes, Tensor? x_scale=None, Tensor? w_scale=None, "
       "ScalarType? out_dtype=None) -> Tensor");
+  // Its weight gradient, a K-grouped GEMM (the group dimension is the reduction): dy [M, N] and x [M, K] with rows
+  // sorted by expert as in grouped_gemm; dw [E, N, K] with dw[e] = dy_e^T @ x_e in fp32 accumulation, exactly 0 for
+  // an expert with no rows; rows past sum(group_sizes) are never read. float8_e4m3fn inputs take scales per expert
+  // and channel over that expert's rows, dy_scale [E, N] and x_scale [E, K] (they factor out of the row sum, so they
+  // are applied in the epilogue). out_dtype None means float32 (the master-gradient dtype); bfloat16 allowed.
+  m.def(
+      "grouped_gemm_wgrad(Tensor dy, Tensor x, Tensor group_sizes, Tensor? dy_scale=None, Tensor? x_scale=None, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  // The scaling grouped_gemm_wgrad's FP8 operands take: x [M, C] (rows sorted by expert) -> (x_fp8 [M, C],
+  // scale f32 [E, C]) with scale[e, c] = max(amax over expert e's rows of |x[:, c]|, 1e-12) / fp8_max and
+  // x_fp8 = saturate(x / scale[e(m), c]) rounded to nearest even; rows past sum(group_sizes) become 0.
+  m.def("quantize_fp8_grouped(Tensor x, Tensor group_sizes, ScalarType fp8_dtype) -> (Tensor, Tensor)");
   // Sparse-global attention forward: q [B, S, H, D], k/v [B, Sk, G, D] -> (out [B, S, H, D], lse [B, H, S] f32).
   // Key j visible to query i (bottom-right aligned positions): j <= i if causal, and, when any pattern is > 0,
   // i - j < window or j // chunk == i // chunk or j % global_stride == 0 or j < sinks. 0 disables a pattern.
   m.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, bool causal, "
       "int window, int chunk, int global_stride, int sinks, float softmax_scale) -> (Tensor, Tensor)");
+  // Backward of sparse_attention_fwd: (dq [B, S, H, D] in q's dtype, dk / dv [B, Sk, G, D] in k's dtype, summed
+  // over the H / G query heads that share a kv head). Visits exactly the tiles the forward visits; out / lse are the
+  // forward's outputs. deterministic: bitwise-repeatable (no float atomics). Rows with lse = -inf get zero gradient.
+  m.def(
+      "sparse_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, bool causal, int window, int chunk, int global_stride, int sinks, float softmax_scale, "
+      "bool deterministic) -> (Tensor, Tensor, Tensor)");
   // Decode: q [B, H, D] (one new token per sequence) against k_cache / v_cache [B, Smax, G, D] (q's dtype, or
   // float8_e4m3fn with per-head k_scale / v_scale [G]). Slots [0, cache_seqlens[b]) are valid; slot j holds key
   // position key_positions[b, j] (default j; negative: empty) and the query sits at query_positions[b] (default
@@ -164,7 +207,10 @@ TORCH_LIBRARY_IMPL(llama4, CPU, m) {
   m.impl("swiglu_quant", &swiglu_quant_cpu);
   m.impl("swiglu", &swiglu_cpu);
   m.impl("grouped_gemm", &grouped_gemm_cpu);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_cpu);
+  m.impl("quantize_fp8_grouped", &quantize_fp8_grouped_cpu);
   m.impl("sparse_attention_fwd", &sparse_attention_fwd_cpu);
+  m.impl("sparse_attention_bwd", &sparse_attention_bwd_cpu);
   m.impl("sparse_attention_decode", &sparse_attention_decode_cpu);
   m.impl("moe_route", &moe_route_cpu);
   m.impl("moe_permute", &moe_permute_cpu);

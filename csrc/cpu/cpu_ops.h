@@ -47,12 +47,33 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
                         const GroupedGemmSizes& sizes, at::ScalarType out_dtype);
 
+// dw [E, N, K] = dy[rows of e]^T @ x[rows of e] in float32 (FP8: times dy_scale[e, n] * x_scale[e, k]), one expert
+// per at::parallel_for task; an expert with no rows gets exactly 0; rows past sum(group_sizes) are never read.
+at::Tensor grouped_gemm_wgrad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& group_sizes,
+                              const std::optional<at::Tensor>& dy_scale, const std::optional<at::Tensor>& x_scale,
+                              const GroupedWgradSizes& sizes, at::ScalarType out_dtype);
+
+// (x_fp8 [M, C], scale float32 [E, C]): one scale per expert and channel over that expert's rows (fp8_math.h's
+// maths, the CUDA kernel's bits); rows past sum(group_sizes) become 0.
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_grouped(const at::Tensor& x, const at::Tensor& group_sizes,
+                                                        const Fp8GroupedQuantSizes& sizes, at::ScalarType fp8_dtype);
+
 // Sparse-global attention forward: (out [B, S, H, D] in q's dtype, lse [B, H, S] float32). Each query
 // visits only its visible keys (window / chunk ranges, strided global keys, sinks): O(S x visible).
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const std::optional<at::Tensor>& cu_seqlens_q,
                                                         const std::optional<at::Tensor>& cu_seqlens_k,
                                                         const AttentionSizes& sizes, double softmax_scale);
+
+// Sparse-global attention backward: (dq [B, S, H, D] in q's dtype, dk / dv [B, Sk, G, D] in k's dtype, summed over
+// the query heads of each kv head) from dout, the forward's out and lse. Walks the forward's visible pairs twice
+// (dq per query, dk / dv per key): O(S x visible), no atomics, bitwise deterministic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                                    const at::Tensor& k, const at::Tensor& v,
+                                                                    const at::Tensor& out, const at::Tensor& lse,
+                                                                    const std::optional<at::Tensor>& cu_seqlens_q,
+                                                                    const std::optional<at::Tensor>& cu_seqlens_k,
+                                                                    const AttentionSizes& sizes, double softmax_scale);
 
 // Decode: one query per sequence against a KV cache -> (out [B, H, D] in q's dtype, lse [B, H] float32).
 std::tuple<at::Tensor, at::Tensor> sparse_attention_decode(const at::Tensor& q, const at::Tensor& k_cache,

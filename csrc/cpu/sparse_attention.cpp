@@ -1,7 +1,8 @@
 // CPU sparse-global attention forward. Each query enumerates only its visible keys (the union of
 // its window / chunk / sink ranges and the strided global keys), so work and memory are
 // O(S x visible keys): a 64K-token sequence with a small window runs in seconds, and no S x S
-// tensor ever exists. Scores and the softmax run in float32 per query.
+// tensor ever exists. Scores and the softmax run in float32 per query (float64 for float64 inputs,
+// so torch.autograd.gradcheck can run on the CPU op).
 // Legend: B batch, S queries, Sk keys, H query heads, G kv heads, D head dim.
 #include <ATen/Parallel.h>
 
@@ -11,98 +12,36 @@
 #include <vector>
 
 #include "cpu/cpu_ops.h"
+#include "cpu/sparse_attention_keys.h"
 
 namespace llama4::cpu {
 namespace {
 
 namespace kn = llama4::kernels;
+using attention::Span;
 constexpr int64_t kQueryBlock = 16;  // queries per task: enough work to amortise the task
 
-struct Span {  // one sequence: query rows [q0, q0 + len_q), key rows [k0, k0 + len_k) of batch b
-  int64_t b, q0, len_q, k0, len_k;
-};
-
-// Sorted, duplicate-free key positions in [0, len_k) visible to query position pos.
-void visible_keys(const kn::AttentionMask& m, int64_t pos, int64_t len_k, std::vector<int64_t>& keys) {
-  keys.clear();
-  const int64_t hi = m.causal ? std::min(pos, len_k - 1) : len_k - 1;
-  if (hi < 0) return;
-  if (!kn::mask_has_pattern(m)) {
-    for (int64_t j = 0; j <= hi; ++j) keys.push_back(j);
-    return;
-  }
-  // Up to three ranges (window, chunk, sinks), merged; then the strided keys outside them.
-  std::pair<int64_t, int64_t> ranges[3];
-  int n = 0;
-  if (m.window > 0) ranges[n++] = {std::max<int64_t>(0, pos - m.window + 1), hi};
-  if (m.chunk > 0) {
-    const int64_t c0 = kn::floor_div(pos, m.chunk) * m.chunk;
-    ranges[n++] = {std::max<int64_t>(0, c0), std::min(hi, c0 + m.chunk - 1)};
-  }
-  if (m.sinks > 0) ranges[n++] = {0, std::min<int64_t>(hi, m.sinks - 1)};
-  std::sort(ranges, ranges + n);
-  std::vector<std::pair<int64_t, int64_t>> merged;
-  for (int r = 0; r < n; ++r) {
-    if (ranges[r].first > ranges[r].second) continue;
-    if (!merged.empty() && ranges[r].first <= merged.back().second + 1) {
-      merged.back().second = std::max(merged.back().second, ranges[r].second);
-    } else {
-      merged.push_back(ranges[r]);
-    }
-  }
-  int64_t j = 0;  // the next strided key: walk them and the merged ranges together, in order
-  for (const auto& [lo, up] : merged) {
-    if (m.global_stride > 0)
-      for (; j < lo && j <= hi; j += m.global_stride) keys.push_back(j);
-    for (int64_t x = lo; x <= up; ++x) keys.push_back(x);
-    if (m.global_stride > 0) j = std::max(j, (up / m.global_stride + 1) * m.global_stride);
-  }
-  if (m.global_stride > 0)
-    for (; j <= hi; j += m.global_stride) keys.push_back(j);
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                        const std::optional<at::Tensor>& cu_seqlens_q,
-                                                        const std::optional<at::Tensor>& cu_seqlens_k,
-                                                        const AttentionSizes& sz, double softmax_scale) {
-  const int64_t B = sz.batch, S = sz.seqlen_q, H = sz.heads, G = sz.kv_heads, D = sz.head_dim;
-  at::Tensor out = at::empty({B, S, H, D}, q.options());
-  at::Tensor lse = at::empty({B, H, S}, q.options().dtype(at::kFloat));
-  if (B * S * H == 0) return {out, lse};
-  // float32 copies, converted once (not per query): [B, S, H, D] and [B, Sk, G, D] contiguous.
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  const at::Tensor kf = k.to(at::kFloat).contiguous();
-  const at::Tensor vf = v.to(at::kFloat).contiguous();
-  at::Tensor of = at::empty({B, S, H, D}, q.options().dtype(at::kFloat));
-
-  std::vector<Span> spans;
-  if (cu_seqlens_q.has_value()) {
-    const int32_t* cq = cu_seqlens_q->data_ptr<int32_t>();
-    const int32_t* ck = cu_seqlens_k->data_ptr<int32_t>();
-    for (int64_t s = 0; s < sz.num_seqs; ++s) spans.push_back({0, cq[s], cq[s + 1] - cq[s], ck[s], ck[s + 1] - ck[s]});
-  } else {
-    for (int64_t b = 0; b < B; ++b) spans.push_back({b, 0, S, 0, sz.seqlen_k});
-  }
+// acc_t: float, or double for float64 inputs. q / k / v are contiguous acc_t copies.
+template <typename acc_t>
+void sparse_attention_fwd_impl(const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& vf, at::Tensor& of,
+                               at::Tensor& lse, const std::vector<Span>& spans, const AttentionSizes& sz,
+                               double softmax_scale) {
+  const int64_t S = sz.seqlen_q, H = sz.heads, G = sz.kv_heads, D = sz.head_dim, Sk = sz.seqlen_k;
   // Flat task list: (span, head, block of queries).
   std::vector<int64_t> first_task(spans.size() + 1, 0);
   for (size_t s = 0; s < spans.size(); ++s)
     first_task[s + 1] = first_task[s] + H * ((spans[s].len_q + kQueryBlock - 1) / kQueryBlock);
 
-  const float scale = static_cast<float>(softmax_scale);
-  const int64_t Sk = sz.seqlen_k;
-  const float* Q = qf.data_ptr<float>();
-  const float* K = kf.data_ptr<float>();
-  const float* V = vf.data_ptr<float>();
-  float* O = of.data_ptr<float>();
+  const acc_t scale = static_cast<acc_t>(softmax_scale);
+  const acc_t* Q = qf.data_ptr<acc_t>();
+  const acc_t* K = kf.data_ptr<acc_t>();
+  const acc_t* V = vf.data_ptr<acc_t>();
+  acc_t* O = of.data_ptr<acc_t>();
   float* L = lse.data_ptr<float>();
-  lse.fill_(-std::numeric_limits<float>::infinity());
-  of.zero_();  // rows outside every span (varlen gaps cannot exist, but be exact) and empty rows stay 0
 
   at::parallel_for(0, first_task.back(), 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys;
-    std::vector<float> scores, acc(D);
+    std::vector<acc_t> scores, acc(D);
     for (int64_t task = begin; task < end; ++task) {
       const size_t s = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
       const Span& sp = spans[s];
@@ -112,34 +51,61 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
       const int64_t r0 = (local % blocks) * kQueryBlock, r1 = std::min(sp.len_q, r0 + kQueryBlock);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t pos = r + sp.len_k - sp.len_q;  // bottom-right aligned
-        visible_keys(sz.mask, pos, sp.len_k, keys);
+        attention::visible_keys(sz.mask, pos, sp.len_k, keys);
         const int64_t row = sp.q0 + r;
-        const float* qrow = Q + ((sp.b * S + row) * H + h) * D;
+        const acc_t* qrow = Q + ((sp.b * S + row) * H + h) * D;
         if (keys.empty()) continue;  // out stays 0, lse stays -inf
         scores.resize(keys.size());
-        float row_max = -std::numeric_limits<float>::infinity();
+        acc_t row_max = -std::numeric_limits<acc_t>::infinity();
         for (size_t t = 0; t < keys.size(); ++t) {
-          const float* krow = K + ((sp.b * Sk + sp.k0 + keys[t]) * G + g) * D;
-          float dot = 0.0f;
+          const acc_t* krow = K + ((sp.b * Sk + sp.k0 + keys[t]) * G + g) * D;
+          acc_t dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += qrow[d] * krow[d];
           scores[t] = dot * scale;
           row_max = std::max(row_max, scores[t]);
         }
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
         double denom = 0.0;
         for (size_t t = 0; t < keys.size(); ++t) {
-          const float p = std::exp(scores[t] - row_max);
+          const acc_t p = std::exp(scores[t] - row_max);
           denom += p;
-          const float* vrow = V + ((sp.b * Sk + sp.k0 + keys[t]) * G + g) * D;
+          const acc_t* vrow = V + ((sp.b * Sk + sp.k0 + keys[t]) * G + g) * D;
           for (int64_t d = 0; d < D; ++d) acc[d] += p * vrow[d];
         }
-        float* orow = O + ((sp.b * S + row) * H + h) * D;
-        const float inv = static_cast<float>(1.0 / denom);
+        acc_t* orow = O + ((sp.b * S + row) * H + h) * D;
+        const acc_t inv = static_cast<acc_t>(1.0 / denom);
         for (int64_t d = 0; d < D; ++d) orow[d] = acc[d] * inv;
-        L[(sp.b * H + h) * S + row] = row_max + static_cast<float>(std::log(denom));
+        L[(sp.b * H + h) * S + row] = static_cast<float>(row_max + static_cast<acc_t>(std::log(denom)));
       }
     }
   });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const std::optional<at::Tensor>& cu_seqlens_q,
+                                                        const std::optional<at::Tensor>& cu_seqlens_k,
+                                                        const AttentionSizes& sz, double softmax_scale) {
+  const int64_t B = sz.batch, S = sz.seqlen_q, H = sz.heads, D = sz.head_dim;
+  at::Tensor out = at::empty({B, S, H, D}, q.options());
+  at::Tensor lse = at::empty({B, H, S}, q.options().dtype(at::kFloat));
+  if (B * S * H == 0) return {out, lse};
+  // Accumulation-precision copies, converted once (not per query): [B, S, H, D] and [B, Sk, G, D] contiguous.
+  const at::ScalarType acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor qf = q.to(acc_type).contiguous();
+  const at::Tensor kf = k.to(acc_type).contiguous();
+  const at::Tensor vf = v.to(acc_type).contiguous();
+  at::Tensor of = at::zeros({B, S, H, D}, q.options().dtype(acc_type));  // empty rows stay 0
+  lse.fill_(-std::numeric_limits<float>::infinity());                    // and their lse -inf
+  const std::vector<Span> spans = attention::make_spans(
+      cu_seqlens_q.has_value() ? cu_seqlens_q->data_ptr<int32_t>() : nullptr,
+      cu_seqlens_k.has_value() ? cu_seqlens_k->data_ptr<int32_t>() : nullptr, sz.num_seqs, B, S, sz.seqlen_k);
+  if (acc_type == at::kDouble) {
+    sparse_attention_fwd_impl<double>(qf, kf, vf, of, lse, spans, sz, softmax_scale);
+  } else {
+    sparse_attention_fwd_impl<float>(qf, kf, vf, of, lse, spans, sz, softmax_scale);
+  }
   out.copy_(of);
   return {out, lse};
 }

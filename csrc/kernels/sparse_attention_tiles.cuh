@@ -175,4 +175,157 @@ LLAMA4_ATTN_HD bool tile_fully_visible(const KeyTileWalk& w, int64_t j0, int64_t
          w.global_stride == 1;
 }
 
+// ---- the inverse walk (the backward's dK/dV kernel): which query tiles visit one key tile ------
+// Query tile t holds rows [t*Br, min((t+1)*Br, Sq)) at positions i = row + Sk - Sq. The forward's
+// walk from query tile t visits key tile n iff n is below the walk's causal bound and in one
+// pattern's tile set; each of those conditions, solved for t, is a bound on t (i0 and i1 grow
+// with t), so the query tiles that visit key tile n are [lo, end) when every query may see the
+// tile (no pattern, a sink or a global key in it), else [lo, end) intersected with
+// [0, window_hi) U [chunk_lo, chunk_hi): at most two ranges, found once per key tile. The host
+// check proves it the exact inverse of next_key_tile() (query tile t visits key tile n in one
+// walk iff t visits n in the other), so dK/dV sums exactly the score tiles the forward computed.
+struct QueryTileWalk {
+  int64_t lo;                  // causal: the first tile whose last query is at or after the tile's first key
+  int64_t end;                 // one past the last query tile (0 when nothing can visit the key tile)
+  bool all;                    // every tile in [lo, end)
+  int64_t window_hi;           // tiles [0, window_hi) hold a query within the window of one of the keys
+  int64_t chunk_lo, chunk_hi;  // tiles [chunk_lo, chunk_hi) hold a query sharing a chunk with one of the keys
+  // Query bounds under which every query of [i0, i1) sees every key of the whole tile [j0, j0 + Bc)
+  // (query_tile_fully_visible(); mask_tile_fully_visible() without its divisions, which would be calls in
+  // the kernel's loop).
+  int64_t full_causal_lo;                // causal: i0 >= j0 + Bc - 1 (INT64_MIN without)
+  bool full_all;                         // no pattern, the tile is all sinks, or every key is global
+  int64_t full_window_hi;                // window: i1 - 1 < j0 + W (INT64_MIN without a window)
+  int64_t full_chunk_lo, full_chunk_hi;  // chunk: [i0, i1) inside the one chunk holding the whole key tile
+};
+
+// The inverse walk for key tile n (keys [n*Bc, min((n+1)*Bc, Sk))) over Sq queries in tiles of block_m.
+LLAMA4_ATTN_HD QueryTileWalk make_query_tile_walk(const AttentionMask& m, int64_t n, int64_t seqlen_q, int64_t seqlen_k,
+                                                  int64_t block_m, int64_t block_n) {
+  QueryTileWalk w{0, 0, true, 0, 0, 0, INT64_MIN, false, INT64_MIN, 0, 0};
+  const int64_t j0 = n * block_n;
+  if (seqlen_q <= 0 || seqlen_k <= 0 || n < 0 || j0 >= seqlen_k) return w;  // end = 0: nothing to visit
+  const int64_t j1_tile = j0 + block_n;                        // the walk's tile bounds are not clipped to Sk
+  const int64_t j1 = j1_tile < seqlen_k ? j1_tile : seqlen_k;  // the keys that exist
+  const int64_t offset = seqlen_k - seqlen_q;                  // position of query row r: r + offset
+  w.end = tile_ceil_div(seqlen_q, block_m);
+  // Causal: the forward's bound end = (i1 - 1) / Bc + 1 > n, i.e. the tile's last query i1 - 1 >= j0; the last
+  // row of tile t is min(t*Br + Br, Sq) - 1, and Sq - 1 + offset = Sk - 1 >= j0 always.
+  if (m.causal) {
+    const int64_t lo = floor_div(j0 - offset, block_m);
+    w.lo = lo > 0 ? lo : 0;
+  }
+  w.all = !mask_has_pattern(m) || (m.sinks > 0 && j0 < m.sinks) || first_global_key(m, j0) < j1;
+  if (m.window > 0) {
+    // The forward's window_lo = max(i0 - W + 1, 0) / Bc <= n  <=>  i0 <= (n + 1)*Bc + W - 2.
+    const int64_t hi = floor_div(j1_tile + m.window - 2 - offset, block_m) + 1;
+    w.window_hi = hi < 0 ? 0 : (hi > w.end ? w.end : hi);
+  }
+  if (m.chunk > 0) {
+    // n >= chunk_lo = max(floor(i0 / C)*C, 0) / Bc  <=>  i0 < ceil((n + 1)*Bc / C)*C, and
+    // n < chunk_hi = ceil((floor((i1 - 1) / C) + 1)*C / Bc)  <=>  i1 - 1 >= floor(j0 / C)*C.
+    const int64_t hi = floor_div(tile_ceil_div(j1_tile, m.chunk) * m.chunk - 1 - offset, block_m) + 1;
+    const int64_t lo = floor_div(floor_div(j0, m.chunk) * m.chunk - offset, block_m);
+    w.chunk_lo = lo > 0 ? lo : 0;
+    w.chunk_hi = hi < 0 ? 0 : (hi > w.end ? w.end : hi);
+  }
+  if (m.causal) w.full_causal_lo = j1_tile - 1;
+  w.full_all = !mask_has_pattern(m) || (m.sinks > 0 && j1_tile <= m.sinks) || m.global_stride == 1;
+  if (m.window > 0) w.full_window_hi = j0 + m.window;
+  if (m.chunk > 0 && floor_div(j0, m.chunk) == floor_div(j1_tile - 1, m.chunk)) {
+    w.full_chunk_lo = floor_div(j0, m.chunk) * m.chunk;
+    w.full_chunk_hi = w.full_chunk_lo + m.chunk;
+  }
+  return w;
+}
+
+// mask_tile_fully_visible(m, i0, i1, j0, j0 + Bc) for the walk's whole key tile, by compares only.
+LLAMA4_ATTN_HD bool query_tile_fully_visible(const QueryTileWalk& w, int64_t i0, int64_t i1) {
+  if (i0 < w.full_causal_lo) return false;
+  return w.full_all || i1 - 1 < w.full_window_hi || (i0 >= w.full_chunk_lo && i1 <= w.full_chunk_hi);
+}
+
+// Smallest query tile t' >= t that visits the walk's key tile (w.end when none).
+LLAMA4_ATTN_HD int64_t next_query_tile(const QueryTileWalk& w, int64_t t) {
+  if (t < w.lo) t = w.lo;
+  if (t >= w.end) return w.end;
+  if (w.all) return t;
+  int64_t best = w.end;
+  walk_consider_range(0, w.window_hi, t, best);
+  walk_consider_range(w.chunk_lo, w.chunk_hi, t, best);
+  return best;
+}
+
+// The per-key terms of mask_visible(), hoisted out of the query loop (the dK/dV kernel holds two
+// keys per thread and sweeps queries): query_visible(m, key_mask_terms(m, j), i) == mask_visible(m, i, j)
+// by compares only. The chunk test is symmetric (i and j share a chunk), and i - j < W is i < j + W.
+struct KeyMaskTerms {
+  int64_t j;                   // the key's position
+  int64_t window_hi;           // queries < window_hi satisfy i - j < W (INT64_MIN without a window)
+  int64_t chunk_lo, chunk_hi;  // queries [chunk_lo, chunk_hi) share the key's chunk
+  bool to_all;                 // a sink or a global key: visible to every query (the causal bound aside)
+};
+
+LLAMA4_ATTN_HD KeyMaskTerms key_mask_terms(const AttentionMask& m, int64_t j) {
+  KeyMaskTerms k{j, INT64_MIN, 0, 0, false};
+  if (m.window > 0) k.window_hi = j + m.window;
+  if (m.chunk > 0) {
+    k.chunk_lo = floor_div(j, m.chunk) * m.chunk;
+    k.chunk_hi = k.chunk_lo + m.chunk;
+  }
+  k.to_all = (m.sinks > 0 && j < m.sinks) || (m.global_stride > 0 && j >= 0 && j % m.global_stride == 0);
+  return k;
+}
+
+// mask_visible(m, i, k.j) given k = key_mask_terms(m, j).
+LLAMA4_ATTN_HD bool query_visible(const AttentionMask& m, const KeyMaskTerms& k, int64_t i) {
+  if (m.causal && k.j > i) return false;
+  if (!mask_has_pattern(m)) return true;
+  return k.to_all || i < k.window_hi || (i >= k.chunk_lo && i < k.chunk_hi);
+}
+
+// One key's visibility over the columns [0, rows) of a query tile at positions i0 + col, as int compares
+// (the dK/dV kernel's per-element mask): column_visible(key_column_mask(m, key_mask_terms(m, j), i0, rows), col)
+// == (col < rows && mask_visible(m, i0 + col, j)) for every col >= 0. The bounds are clamped to [-1, rows], so
+// int32 suffices however far apart the positions are (rows < 2^31).
+struct KeyColumnMask {
+  int32_t lo;                  // columns >= lo pass the causal bound (and are real rows: < hi)
+  int32_t hi;                  // columns < hi are real query rows
+  int32_t window_hi;           // columns < window_hi are within the window
+  int32_t chunk_lo, chunk_hi;  // columns [chunk_lo, chunk_hi) share the key's chunk
+  bool to_all;                 // no pattern, or a sink / global key
+};
+
+LLAMA4_ATTN_HD int32_t clamp_column(int64_t c, int64_t rows) {
+  return static_cast<int32_t>(c < -1 ? -1 : (c > rows ? rows : c));
+}
+
+LLAMA4_ATTN_HD KeyColumnMask key_column_mask(const AttentionMask& m, const KeyMaskTerms& k, int64_t i0, int64_t rows) {
+  KeyColumnMask c{0, clamp_column(rows, rows), -1, 0, 0, k.to_all || !mask_has_pattern(m)};
+  if (m.causal) c.lo = clamp_column(k.j - i0, rows);
+  if (m.window > 0) c.window_hi = clamp_column(k.window_hi - i0, rows);
+  if (m.chunk > 0) {
+    c.chunk_lo = clamp_column(k.chunk_lo - i0, rows);
+    c.chunk_hi = clamp_column(k.chunk_hi - i0, rows);
+  }
+  return c;
+}
+
+// The same mask for the sub-tile of columns [r0, r0 + rows) of `c`, renumbered from 0: built once per key over a
+// whole sequence (i0 = the position of row 0, rows = Sq), then shifted per query tile with int32 arithmetic only.
+// Exact because the clamped bounds preserve every comparison with a column in [0, rows of c).
+LLAMA4_ATTN_HD int32_t shift_column(int32_t x, int32_t r0, int32_t rows) {
+  const int32_t c = x - r0;  // x in [-1, Sq], r0 in [0, Sq): no overflow
+  return c < -1 ? -1 : (c > rows ? rows : c);
+}
+
+LLAMA4_ATTN_HD KeyColumnMask shift_column_mask(const KeyColumnMask& c, int32_t r0, int32_t rows) {
+  return {shift_column(c.lo, r0, rows),       shift_column(c.hi, r0, rows),       shift_column(c.window_hi, r0, rows),
+          shift_column(c.chunk_lo, r0, rows), shift_column(c.chunk_hi, r0, rows), c.to_all};
+}
+
+LLAMA4_ATTN_HD bool column_visible(const KeyColumnMask& c, int32_t col) {
+  return col >= c.lo && col < c.hi && (c.to_all || col < c.window_hi || (col >= c.chunk_lo && col < c.chunk_hi));
+}
+
 }  // namespace llama4::kernels

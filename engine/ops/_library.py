@@ -75,9 +75,15 @@ _OP_NAMES = (
     "swiglu_quant",
     "swiglu",
     "grouped_gemm",
+    "grouped_gemm_wgrad",
+    "quantize_fp8_grouped",
     "sparse_attention_fwd",
+    "sparse_attention_bwd",
     "sparse_attention_decode",
 )
+# llama4 ops defined in Python (torch.library.custom_op, engine/ops/norm.py) with Triton CUDA kernels that do not
+# depend on this build: they need no fallback.
+_PYTHON_OP_NAMES = ("rms_norm", "rms_norm_bwd", "rope_qk_norm", "rope_qk_norm_bwd")
 
 
 if not build_info()["cuda"] and torch.cuda.is_available():  # pragma: no cover

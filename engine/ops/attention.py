@@ -67,7 +67,7 @@ def sparse_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out_BSHD = softmax(scale * q k^T + mask) v, per query head h over kv head h // (H // G).
 
-    q_BSHD [B, S, H, D], k_BSGD / v_BSGD [B, Sk, G, D]: bfloat16 / float16 (float32 on CPU), unit
+    q_BSHD [B, S, H, D], k_BSGD / v_BSGD [B, Sk, G, D]: bfloat16 / float16 (float32 or float64 on CPU), unit
     stride along D; H a multiple of G. Key position j is visible to query position i (positions
     absolute within a sequence; queries aligned to the end of the keys, so i = row + Sk - S) when
     `j <= i` (causal) and, if any pattern is set, at least one of: `i - j < window` (sliding
@@ -76,7 +76,8 @@ def sparse_attention(
     plain causal (Llama 4's NoPE layers). softmax_scale defaults to D^-0.5. Varlen: B = 1 and
     int32 cu_seqlens_q / cu_seqlens_k [num_seqs + 1] (each packed sequence starts at position 0).
     A row with no visible key outputs 0 with lse = -inf. Returns out (and lse_BHS float32, the
-    natural log-sum-exp of the scaled scores, when return_lse).
+    natural log-sum-exp of the scaled scores, when return_lse). Differentiable in q, k and v, through
+    out and lse (`sparse_attention_bwd`; deterministic).
     """
     mask = _mask_args("sparse_attention", window, chunk, global_stride, sinks)
     scale = float(softmax_scale) if softmax_scale is not None else q_BSHD.shape[-1] ** -0.5
@@ -143,3 +144,104 @@ def _sparse_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, wind
     torch._check(q.dim() == 4, lambda: f"sparse_attention: q must be 4-D [B, S, H, D], got {q.dim()}-D")
     B, S, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+def sparse_attention_bwd(
+    dout_BSHD: torch.Tensor,
+    q_BSHD: torch.Tensor,
+    k_BSGD: torch.Tensor,
+    v_BSGD: torch.Tensor,
+    out_BSHD: torch.Tensor,
+    lse_BHS: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    chunk: int | None = None,
+    global_stride: int | None = None,
+    sinks: int = 0,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `sparse_attention`: (dq_BSHD in q's dtype, dk_BSGD / dv_BSGD in k's dtype).
+
+    dout_BSHD / out_BSHD [B, S, H, D] in q's dtype (out: the forward's output), lse_BHS [B, H, S]
+    float32 (the forward's natural-log LSE of the scaled scores, -inf for rows with no key); the
+    mask arguments as given to the forward. With p = exp(scale q.k - lse) over the visible pairs,
+    delta = rowsum(dout * out) and dS = p (dout.v - delta): dv = sum_i p dout_i, dk = scale sum_i
+    dS q_i, dq = scale sum_j dS k_j; dk / dv are summed over the H / G query heads of each kv head.
+    Visits only the visible (query, key) tiles, like the forward: O(S x visible keys) work and O(S)
+    extra memory (delta). A row with no visible key gets zero gradient, as does a key no query sees.
+
+    deterministic: True (the default on every device) gives bitwise-repeatable dq / dk / dv (no float
+    atomics: each output row is accumulated by one owner in a fixed order). False allows a CUDA
+    kernel to accumulate dq with float atomics where that is measurably faster; the CPU kernel is
+    deterministic either way.
+    """
+    mask = _mask_args("sparse_attention_bwd", window, chunk, global_stride, sinks)
+    scale = float(softmax_scale) if softmax_scale is not None else q_BSHD.shape[-1] ** -0.5
+    with nvtx_range("llama4.sparse_attention_bwd"):
+        return ops.sparse_attention_bwd(
+            dout_BSHD,
+            q_BSHD,
+            k_BSGD,
+            v_BSGD,
+            out_BSHD,
+            lse_BHS,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            causal,
+            *mask,
+            scale,
+            deterministic,
+        )
+
+
+@torch.library.register_fake("llama4::sparse_attention_bwd")
+def _sparse_attention_bwd_fake(dout, q, k, v, out, lse, *args):
+    torch._check(q.dim() == 4, lambda: f"sparse_attention_bwd: q must be 4-D [B, S, H, D], got {q.dim()}-D")
+    torch._check(k.dim() == 4, lambda: f"sparse_attention_bwd: k must be 4-D [B, Sk, G, D], got {k.dim()}-D")
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd of sparse_attention_fwd: (q, k, v) get gradients; cu_seqlens and the mask do not.
+# --------------------------------------------------------------------------------------------
+def _sparse_attention_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *mask_and_scale = inputs
+    out, lse = output
+    ctx.mask_and_scale = tuple(mask_and_scale)  # (causal, window, chunk, global_stride, sinks, softmax_scale)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    # An unused lse (the usual case) then arrives as None rather than as a zero tensor, which would cost the
+    # extra passes below.
+    ctx.set_materialize_grads(False)
+
+
+def _sparse_attention_backward(ctx, dout_BSHD, dlse_BHS):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    causal, window, chunk, global_stride, sinks, scale = ctx.mask_and_scale
+    mask = (causal, window, chunk, global_stride, sinks)
+    if dout_BSHD is None:
+        dout_BSHD = torch.zeros_like(out)
+    dout_BSHD = dout_BSHD.contiguous()  # autograd may hand an expanded (stride-0) gradient
+    with nvtx_range("llama4.sparse_attention_bwd"):
+        dq, dk, dv = ops.sparse_attention_bwd(dout_BSHD, q, k, v, out, lse, cu_q, cu_k, *mask, scale, True)
+    if dlse_BHS is not None:
+        # d lse_i / d s_ij = p_ij adds dlse_i * p_ij to dS_ij (delta_i -= dlse_i), i.e. in the same visible pairs:
+        #   dq_i += scale * dlse_i * sum_j p_ij k_j   (attention with k as the values, the forward op),
+        #   dk_j += scale * sum_i p_ij (dlse_i q_i)   (the dv of a backward with dout_i = dlse_i q_i).
+        # The schema carries no dlse, so this costs one more forward and backward, only when lse is used.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dlse_BSH1 = dlse_BHS.transpose(1, 2).unsqueeze(-1).to(acc)
+        pk_BSHD, _ = ops.sparse_attention_fwd(q, k, k, cu_q, cu_k, *mask, scale)
+        dq = (dq.to(acc) + (scale * dlse_BSH1) * pk_BSHD.to(acc)).to(q.dtype)
+        dout_q = (dlse_BSH1 * q.to(acc)).to(q.dtype).contiguous()
+        _, _, pq_BSGD = ops.sparse_attention_bwd(dout_q, q, k, k, out, lse, cu_q, cu_k, *mask, scale, True)
+        dk = (dk.to(acc) + scale * pq_BSGD.to(acc)).to(k.dtype)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "llama4::sparse_attention_fwd", _sparse_attention_backward, setup_context=_sparse_attention_setup
+)

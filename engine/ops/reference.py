@@ -305,6 +305,52 @@ def grouped_gemm(
     return out
 
 
+def grouped_gemm_wgrad(
+    dy_MN: torch.Tensor,
+    x_MK: torch.Tensor,
+    group_sizes_E: torch.Tensor,
+    *,
+    dy_scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dw [E, N, K] float64: dw[e] = dy[rows of e]^T @ x[rows of e] on dequantised inputs (zero for an
+    expert with no rows; rows past sum(group_sizes) unused). dy_scale [E, N] / x_scale [E, K]: FP8 scales
+    per expert and channel, dy[m, n] * dy_scale[e(m), n] and x[m, k] * x_scale[e(m), k].
+    """
+    E, N, K = group_sizes_E.shape[0], dy_MN.shape[1], x_MK.shape[1]
+    dw = torch.zeros(E, N, K, dtype=torch.float64, device=dy_MN.device)
+    start = 0
+    for e, size in enumerate(group_sizes_E.tolist()):
+        dy = dy_MN[start : start + size].double()
+        x = x_MK[start : start + size].double()
+        if dy_scale is not None:
+            dy = dy * dy_scale[e].double()
+            x = x * x_scale[e].double()
+        dw[e] = dy.T @ x
+        start += size
+    return dw
+
+
+def quantize_fp8_grouped(
+    x_MC: torch.Tensor, group_sizes_E: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, C] -> (x_fp8 [M, C], scale float32 [E, C]): quantize_fp8's maths with one scale per expert and
+    channel, from the amax of that channel over the expert's rows; rows past sum(group_sizes) become 0.
+    """
+    fp8_max = torch.finfo(fp8_dtype).max
+    M, C = x_MC.shape
+    scale = torch.empty(group_sizes_E.shape[0], C, dtype=torch.float32, device=x_MC.device)
+    v = torch.zeros(M, C, dtype=torch.float32, device=x_MC.device)
+    start = 0
+    for e, size in enumerate(group_sizes_E.tolist()):
+        rows = x_MC[start : start + size].float()
+        amax = rows.abs().amax(0) if size else rows.new_zeros(C)
+        scale[e] = amax.clamp_min(FP8_AMAX_FLOOR) / fp8_max
+        v[start : start + size] = (rows / scale[e]).clamp(-fp8_max, fp8_max)
+        start += size
+    return v.to(fp8_dtype), scale
+
+
 # ---------------------------------------------------------------------------------------------
 # Sparse-global attention. Legend: B batch, S queries, Sk keys, H query heads, G kv heads, D head dim.
 # ---------------------------------------------------------------------------------------------
@@ -391,3 +437,53 @@ def sparse_attention(
         out[b, q0:q1] = (p @ v).transpose(0, 1)
         lse[b, :, q0:q1] = row_lse
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm and RoPE + QK-norm + query scale (engine.ops.norm). Maths in float32 (float64 for float64
+# inputs, the oracle), rounded to the input dtype where engine.model.layers rounds; differentiable by autograd.
+# Legend here: B batch, S positions, H / G query / key heads, Dh head dim, R = Dh / 2 rotary pairs.
+# --------------------------------------------------------------------------------------------
+def _norm_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype) * weight; x [..., D], weight [D]."""
+    xc = x.to(_norm_compute_dtype(x.dtype))
+    return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope_interleaved(x_BSHD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+    """Rotates the interleaved pairs (x[2j], x[2j+1]) by angle j (Meta's complex multiply), in x's dtype."""
+    pairs = x_BSHD.unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos_SR[None, :, None, :].to(x_BSHD.dtype), sin_SR[None, :, None, :].to(x_BSHD.dtype)
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+
+
+def rope_qk_norm(
+    q_BSHD: torch.Tensor,
+    k_BSGD: torch.Tensor,
+    cos_SR: torch.Tensor | None,
+    sin_SR: torch.Tensor | None,
+    *,
+    qk_norm: bool,
+    eps: float,
+    q_scale_S: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k) after RoPE (when cos / sin are given), rounded; L2 norm over Dh (when qk_norm), rounded;
+    q times q_scale_S[s] (when given), rounded. Each stage in float32 (float64 for float64 inputs)."""
+
+    def one(x: torch.Tensor, scale_S: torch.Tensor | None) -> torch.Tensor:
+        compute = _norm_compute_dtype(x.dtype)
+        y = x.to(compute)
+        if cos_SR is not None:
+            y = rope_interleaved(y, cos_SR, sin_SR).to(x.dtype).to(compute)
+        if qk_norm:
+            y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).to(compute)
+        if scale_S is not None:
+            y = y * scale_S.to(compute)[None, :, None, None]
+        return y.to(x.dtype)
+
+    return one(q_BSHD, q_scale_S), one(k_BSGD, None)
