@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -88,6 +89,10 @@ def ext_modules():
     cutlass_inc, cutlass_ver = cutlass_include()
 
     cxx = ["-O3", "-std=c++20"]  # torch >= 2.12 headers need C++20
+    # at::parallel_for is an inline template: without OpenMP in OUR compile it runs every CPU kernel on one
+    # thread. torch itself is built with OpenMP (libgomp), so this links the same runtime.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx += openmp
     defines = []
     # Build facts go to a generated header that only bindings/module.cpp includes, so a new
     # commit recompiles one file, not all (a -D flag would change every command line).
@@ -105,7 +110,12 @@ def ext_modules():
         print(f"[engine] building CPU kernels only (torch CUDA: {torch.version.cuda}, nvcc: {nvcc})")
         return [
             CppExtension(
-                "engine._C", sources, include_dirs=include_dirs, define_macros=defines, extra_compile_args={"cxx": cxx}
+                "engine._C",
+                sources,
+                include_dirs=include_dirs,
+                define_macros=defines,
+                extra_compile_args={"cxx": cxx},
+                extra_link_args=openmp,
             )
         ]
 
@@ -127,6 +137,7 @@ def ext_modules():
             include_dirs=include_dirs,
             define_macros=defines,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
+            extra_link_args=openmp,
         )
     ]
 
