@@ -257,6 +257,18 @@ def time_baseline(make: Callable[[], Callable], q, k, v, pattern, t: dict, label
     return harness.time_op(fn, device, warmup=t["warmup"], iters=t["iters"], label=label)["median_us"], ""
 
 
+def baseline_fields(name: str, us: float | None, error: str, flops: int | None = None, **if_timed) -> dict:
+    """extra_info of a baseline from time_baseline: its name, median us, TFLOP/s on `flops` (when given) and
+    if_timed; or, when it could not run, why (warned: the row then has no speedup)."""
+    if not us:
+        warnings.warn(f"{name} unavailable: {error}", stacklevel=2)
+        return {"baseline_skipped": error}
+    extra = {"baseline": name, "baseline_us": us, **if_timed}
+    if flops is not None:
+        extra["baseline_tflops"] = flops / (us * 1e-6) / 1e12
+    return extra
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA: plain causal, 16K, Scout heads, hd 128, vs SDPA flash.
 # --------------------------------------------------------------------------------------------
@@ -275,11 +287,8 @@ def test_attention_causal_16k(benchmark, request, budget, ceilings):
     sdpa_us, sdpa_error = time_baseline(
         lambda: sdpa_flash(q, k, v), q, k, v, pattern, t, f"attention.sdpa_flash.causal.{shape.id}"
     )
-    extra = {"baseline": "torch SDPA (flash backend)", "baseline_us": sdpa_us} if sdpa_us else {}
-    if sdpa_error:
-        warnings.warn(f"SDPA flash baseline unavailable: {sdpa_error}", stacklevel=1)
-        extra["baseline_skipped"] = sdpa_error
     flops = attention_flops(shape, pattern)
+    extra = baseline_fields("torch SDPA (flash backend)", sdpa_us, sdpa_error, flops=flops)
     harness.record(
         benchmark,
         ceilings=ceilings,
@@ -289,7 +298,6 @@ def test_attention_causal_16k(benchmark, request, budget, ceilings):
         p90_us=t_ours["p90_us"],
         target_tflops=CAUSAL_TARGET_TFLOPS,
         **extra,
-        **({"baseline_tflops": flops / (sdpa_us * 1e-6) / 1e12} if sdpa_us else {}),
         **_shape_fields(device, shape, pattern),
     )
     _wall_clock(benchmark, run_ours, budget, quick=t["iters"] == QUICK_ITERS)
@@ -330,12 +338,12 @@ def test_attention_local(benchmark, request, budget, ceilings, pattern, S):
             lambda: flex_attention(q, k, v, pattern), q, k, v, pattern, t, f"{label}.flex"
         )
         torch.cuda.empty_cache()  # the baseline's copies and BlockMask
-        if flex_us:
-            extra |= {"baseline": "FlexAttention (compiled, same BlockMask)", "baseline_us": flex_us}
-            extra["target_speedup"] = LOCAL_TARGET_SPEEDUP_VS_FLEX
-        else:
-            warnings.warn(f"FlexAttention baseline unavailable: {flex_error}", stacklevel=1)
-            extra["baseline_skipped"] = flex_error
+        extra |= baseline_fields(
+            "FlexAttention (compiled, same BlockMask)",
+            flex_us,
+            flex_error,
+            target_speedup=LOCAL_TARGET_SPEEDUP_VS_FLEX,
+        )
     flops = attention_flops(shape, pattern)
     us = t_ours["median_us"]
     harness.record(

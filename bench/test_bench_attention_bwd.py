@@ -13,7 +13,6 @@ Legend: B batch, S query positions (= Sk keys), H query heads, G kv heads, D hea
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import pytest
@@ -37,6 +36,7 @@ from bench.test_bench_attention import (
     _shape_fields,
     _wall_clock,
     attention_flops,
+    baseline_fields,
     flex_mask_mod,
     random_qkv,
     timing,
@@ -143,6 +143,16 @@ def ours_backward(q, k, v, dout, pattern: AttentionPattern):
     return run, run()
 
 
+def checked_problem(shape: AttentionShape, pattern: AttentionPattern, dtype: torch.dtype, device: str):
+    """(q, k, v, dout, run_ours): random inputs and upstream gradient, and our backward, whose gradients have
+    passed check_tail before anything is timed."""
+    q, k, v = random_qkv(shape, dtype, device)
+    dout = _upstream(q)
+    run_ours, grads = ours_backward(q, k, v, dout, pattern)
+    check_tail(grads, q, k, v, dout, pattern, name="ours")
+    return q, k, v, dout, run_ours
+
+
 def _group_sum(d_BSHD: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """dk / dv of k / v expanded to H heads, summed back over each kv head's group: [B, S, G, D]."""
     return d_BSHD.unflatten(2, (kv_heads, d_BSHD.shape[2] // kv_heads)).sum(3)
@@ -231,22 +241,13 @@ def _fields(device: str, shape: AttentionShape, pattern: AttentionPattern) -> di
 @pytest.mark.benchmark(group="sparse_attention_bwd")
 def test_attention_bwd_causal_16k(benchmark, request, budget, ceilings):
     shape, pattern, device = ATTENTION_BENCH_CAUSAL, AttentionPattern(name="causal"), "cuda"
-    q, k, v = random_qkv(shape, DTYPE, device)
-    dout = _upstream(q)
-    run_ours, grads = ours_backward(q, k, v, dout, pattern)
-    check_tail(grads, q, k, v, dout, pattern, name="ours")
-    del grads
+    q, k, v, dout, run_ours = checked_problem(shape, pattern, DTYPE, device)
     t = timing(request, budget)
     label = f"attention_bwd.causal.{shape.id}"
     t_ours = harness.time_op(run_ours, device, label=f"{label}.ours", **t)
     sdpa_us, sdpa_error = time_baseline(sdpa_flash_backward, q, k, v, dout, pattern, t, f"{label}.sdpa_flash")
     flops = bwd_flops(shape, pattern)
-    extra: dict = {"baseline": "torch SDPA flash backward", "baseline_us": sdpa_us} if sdpa_us else {}
-    if sdpa_us:
-        extra["baseline_tflops"] = flops / (sdpa_us * 1e-6) / 1e12
-    else:
-        warnings.warn(f"SDPA flash baseline unavailable: {sdpa_error}", stacklevel=1)
-        extra["baseline_skipped"] = sdpa_error
+    extra = baseline_fields("torch SDPA flash backward", sdpa_us, sdpa_error, flops=flops)
     harness.record(
         benchmark,
         ceilings=ceilings,
@@ -274,11 +275,7 @@ def test_attention_bwd_local(benchmark, request, budget, ceilings, pattern):
     H, G, D = ATTENTION_BENCH_LOCAL_HEADS
     S = ATTENTION_BWD_BENCH_LOCAL_SEQLEN
     shape, device = AttentionShape(1, S, S, H, G, D), "cuda"
-    q, k, v = random_qkv(shape, DTYPE, device)
-    dout = _upstream(q)
-    run_ours, grads = ours_backward(q, k, v, dout, pattern)
-    check_tail(grads, q, k, v, dout, pattern, name="ours")
-    del grads
+    q, k, v, dout, run_ours = checked_problem(shape, pattern, DTYPE, device)
     t = timing(request, budget)
     label = f"attention_bwd.{pattern.name}.{shape.id}"
     t_ours = harness.time_op(run_ours, device, label=f"{label}.ours", **t)
@@ -288,12 +285,12 @@ def test_attention_bwd_local(benchmark, request, budget, ceilings, pattern):
     else:
         flex_us, flex_error = time_baseline(flex_backward, q, k, v, dout, pattern, t, f"{label}.flex")
         torch.cuda.empty_cache()  # the baseline's copies, graph and BlockMask
-        if flex_us:
-            extra |= {"baseline": "FlexAttention backward (compiled, same BlockMask)", "baseline_us": flex_us}
-            extra["target_speedup"] = LOCAL_BWD_TARGET_SPEEDUP_VS_FLEX
-        else:
-            warnings.warn(f"FlexAttention baseline unavailable: {flex_error}", stacklevel=1)
-            extra["baseline_skipped"] = flex_error
+        extra |= baseline_fields(
+            "FlexAttention backward (compiled, same BlockMask)",
+            flex_us,
+            flex_error,
+            target_speedup=LOCAL_BWD_TARGET_SPEEDUP_VS_FLEX,
+        )
     us = t_ours["median_us"]
     harness.record(
         benchmark,
@@ -368,11 +365,7 @@ def test_attention_layer_fwd_bwd_256k(benchmark, request, budget, ceilings, patt
 @pytest.mark.parametrize("pattern", ATTENTION_BENCH_CPU_PATTERNS, ids=lambda p: f"cpu-{p.name}")
 def test_attention_bwd_cpu(benchmark, budget, ceilings, pattern):
     shape, device = ATTENTION_BENCH_CPU, "cpu"
-    q, k, v = random_qkv(shape, CPU_DTYPE, device)
-    dout = _upstream(q)
-    run_ours, grads = ours_backward(q, k, v, dout, pattern)
-    check_tail(grads, q, k, v, dout, pattern, name="ours")
-    del grads
+    q, k, v, dout, run_ours = checked_problem(shape, pattern, CPU_DTYPE, device)
     label = f"attention_bwd.{pattern.name}.{shape.id}"
     benchmark.pedantic(run_ours, rounds=1, iterations=1, warmup_rounds=0)  # pytest-benchmark's wall clock
     t_ours = harness.time_op(run_ours, device, warmup=0, iters=CPU_ITERS, label=f"{label}.ours")

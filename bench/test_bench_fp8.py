@@ -200,6 +200,70 @@ def time_baselines(
     return {"timings": timings, "errors": errors}
 
 
+def baseline_fields(timed: dict, missing: str | None, label: str) -> dict:
+    """extra_info from time_baselines: the fastest baseline, its us and every timing, or why none ran (warned:
+    the row then has no speedup); and the baselines that raised."""
+    extra: dict = {}
+    if timed["timings"]:
+        name, us = min(timed["timings"].items(), key=lambda item: item[1])
+        extra |= {"baseline": name, "baseline_us": us, "baseline_timings_us": timed["timings"]}
+    else:
+        reason = missing or f"torch baselines failed: {timed['errors']}"
+        warnings.warn(f"{label}: no torch baseline ({reason})", stacklevel=2)
+        extra["baseline_skipped"] = reason
+    if timed["errors"]:
+        extra["baseline_errors"] = timed["errors"]
+    return extra
+
+
+def reference_fields(
+    op: str, args: dict, group_sizes_E: torch.Tensor, device: str, budget: harness.Budget, label: str
+) -> dict:
+    """The CPU baseline as extra_info: engine.ops.reference.<op> on our inputs, timed like ours."""
+    run_reference = getattr(reference, op)
+    b = budget
+    t_ref = harness.time_op(
+        lambda: run_reference(**args, group_sizes_E=group_sizes_E),
+        device,
+        warmup=b.warmup,
+        iters=b.iters,
+        label=f"{label}.reference",
+    )
+    return {"baseline": f"engine.ops.reference.{op}", "baseline_us": t_ref["median_us"]}
+
+
+def record_gemm(
+    benchmark,
+    ceilings: dict,
+    budget: harness.Budget,
+    device: str,
+    t_ours: dict,
+    run_ours: Callable,
+    args: dict,
+    flops: int,
+    extra: dict,
+    fields: dict,
+) -> None:
+    """Records ours (TFLOP/s on flops) against extra's baseline, then the wall clock; then frees the operands
+    (the weights reach 21 GB) so the allocator has them back before the next shape."""
+    baseline_us = extra.pop("baseline_us", None)
+    harness.record(
+        benchmark,
+        ceilings=ceilings,
+        us=t_ours["median_us"],
+        flops=flops,
+        baseline_us=baseline_us,
+        p10_us=t_ours["p10_us"],
+        p90_us=t_ours["p90_us"],
+        **extra,
+        **fields,
+    )
+    harness.wall_clock(benchmark, run_ours, device, budget)
+    args.clear()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def gemm_fields(device: str, shape: GroupedGemmShape, kind: str, sizes: list[int]) -> dict:
     return {
         "device": device,
@@ -241,15 +305,7 @@ def test_grouped_gemm(benchmark, device, kind, shape, budget, ceilings):
     if device == "cuda":
         baselines, missing = torch_grouped_baseline(kind, args, sizes)
         timed = time_baselines(baselines, lambda out: check_sampled_rows(out, args, sizes), device, b, label)
-        if timed["timings"]:
-            baseline_name, baseline_us = min(timed["timings"].items(), key=lambda item: item[1])
-            extra |= {"baseline": baseline_name, "baseline_us": baseline_us, "baseline_timings_us": timed["timings"]}
-        else:
-            reason = missing or f"torch baselines failed: {timed['errors']}"
-            warnings.warn(f"{shape.id}: no torch baseline ({reason})", stacklevel=1)
-            extra["baseline_skipped"] = reason
-        if timed["errors"]:
-            extra["baseline_errors"] = timed["errors"]
+        extra |= baseline_fields(timed, missing, label)
         tflops = shape.flops / (us * 1e-6) / 1e12
         fp8_ceiling = fp8_matmul_ceiling(ceilings, b)
         extra["pct_of_bf16_ceiling"] = 100.0 * tflops / ceilings["matmul_tflops_bf16"]
@@ -262,31 +318,9 @@ def test_grouped_gemm(benchmark, device, kind, shape, budget, ceilings):
         else:
             extra["target_speedup"] = BF16_TARGET_SPEEDUP
     else:
-        t_ref = harness.time_op(
-            lambda: reference.grouped_gemm(**args, group_sizes_E=group_sizes_E),
-            device,
-            warmup=b.warmup,
-            iters=b.iters,
-            label=f"{label}.reference",
-        )
-        extra |= {"baseline": "engine.ops.reference.grouped_gemm", "baseline_us": t_ref["median_us"]}
-
-    baseline_us = extra.pop("baseline_us", None)
-    harness.record(
-        benchmark,
-        ceilings=ceilings,
-        us=us,
-        flops=shape.flops,
-        baseline_us=baseline_us,
-        p10_us=t_ours["p10_us"],
-        p90_us=t_ours["p90_us"],
-        **extra,
-        **gemm_fields(device, shape, kind, sizes),
-    )
-    harness.wall_clock(benchmark, run_ours, device, budget)
-    args.clear()  # the weights (up to 21 GB) go back to the allocator before the next shape
-    if device == "cuda":
-        torch.cuda.empty_cache()
+        extra |= reference_fields("grouped_gemm", args, group_sizes_E, device, b, label)
+    fields = gemm_fields(device, shape, kind, sizes)
+    record_gemm(benchmark, ceilings, budget, device, t_ours, run_ours, args, shape.flops, extra, fields)
 
 
 # --------------------------------------------------------------------------------------------

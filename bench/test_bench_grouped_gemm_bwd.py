@@ -11,7 +11,6 @@ Targets (issue 4, FP8 Scout): dgrad >= 1200 TFLOP/s, wgrad >= 900 TFLOP/s (DeepG
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import pytest
@@ -33,9 +32,12 @@ from bench.test_bench_fp8 import (
     QUANT_TARGET_PCT_OF_CEILING,
     SCALE_BYTES,
     balanced_group_sizes,
+    baseline_fields,
     check_sampled_rows,
     checked_gemm,
     gemm_fields,
+    record_gemm,
+    reference_fields,
     time_baselines,
     torch_grouped_baseline,
 )
@@ -80,20 +82,6 @@ def _cases(kinds: tuple[str, ...]) -> list:
     return cpu + cuda
 
 
-def _record_baselines(timed: dict, missing: str | None, label: str) -> dict:
-    extra: dict = {}
-    if timed["timings"]:
-        name, us = min(timed["timings"].items(), key=lambda item: item[1])
-        extra |= {"baseline": name, "baseline_us": us, "baseline_timings_us": timed["timings"]}
-    else:
-        reason = missing or f"torch baselines failed: {timed['errors']}"
-        warnings.warn(f"{label}: no torch baseline ({reason})", stacklevel=2)
-        extra["baseline_skipped"] = reason
-    if timed["errors"]:
-        extra["baseline_errors"] = timed["errors"]
-    return extra
-
-
 def _targets(kind: str, fp8_target: float) -> dict:
     return {"target_tflops": fp8_target} if kind == "fp8" else {"target_speedup": BF16_TARGET_SPEEDUP}
 
@@ -116,32 +104,11 @@ def test_grouped_gemm_dgrad(benchmark, request, device, kind, shape, budget, cei
     if device == "cuda":
         baselines, missing = torch_grouped_baseline(kind, args, sizes)
         timed = time_baselines(baselines, lambda out: check_sampled_rows(out, args, sizes), device, b, label)
-        extra |= _record_baselines(timed, missing, label) | _targets(kind, FP8_DGRAD_TARGET_TFLOPS)
+        extra |= baseline_fields(timed, missing, label) | _targets(kind, FP8_DGRAD_TARGET_TFLOPS)
     else:
-        t_ref = harness.time_op(
-            lambda: reference.grouped_gemm(**args, group_sizes_E=group_sizes_E),
-            device,
-            warmup=b.warmup,
-            iters=b.iters,
-            label=f"{label}.reference",
-        )
-        extra |= {"baseline": "engine.ops.reference.grouped_gemm", "baseline_us": t_ref["median_us"]}
-    baseline_us = extra.pop("baseline_us", None)
-    harness.record(
-        benchmark,
-        ceilings=ceilings,
-        us=t_ours["median_us"],
-        flops=dgrad.flops,
-        baseline_us=baseline_us,
-        p10_us=t_ours["p10_us"],
-        p90_us=t_ours["p90_us"],
-        **extra,
-        **gemm_fields(device, dgrad, kind, sizes),
-    )
-    harness.wall_clock(benchmark, run_ours, device, budget)
-    args.clear()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+        extra |= reference_fields("grouped_gemm", args, group_sizes_E, device, b, label)
+    fields = gemm_fields(device, dgrad, kind, sizes)
+    record_gemm(benchmark, ceilings, budget, device, t_ours, run_ours, args, dgrad.flops, extra, fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,33 +212,12 @@ def test_grouped_gemm_wgrad(benchmark, request, device, kind, out_dtype, shape, 
     if device == "cuda":
         baselines, missing = torch_wgrad_baseline(kind, args, sizes)
         timed = time_baselines(baselines, lambda out: check_wgrad(out, args, sizes), device, b, label)
-        extra |= _record_baselines(timed, missing, label) | _targets(kind, FP8_WGRAD_TARGET_TFLOPS)
+        extra |= baseline_fields(timed, missing, label) | _targets(kind, FP8_WGRAD_TARGET_TFLOPS)
     else:
         cpu_args = {name: t for name, t in args.items() if name != "group_sizes_E"}
-        t_ref = harness.time_op(
-            lambda: reference.grouped_gemm_wgrad(**cpu_args, group_sizes_E=args["group_sizes_E"]),
-            device,
-            warmup=b.warmup,
-            iters=b.iters,
-            label=f"{label}.reference",
-        )
-        extra |= {"baseline": "engine.ops.reference.grouped_gemm_wgrad", "baseline_us": t_ref["median_us"]}
-    baseline_us = extra.pop("baseline_us", None)
-    harness.record(
-        benchmark,
-        ceilings=ceilings,
-        us=t_ours["median_us"],
-        flops=shape.flops,
-        baseline_us=baseline_us,
-        p10_us=t_ours["p10_us"],
-        p90_us=t_ours["p90_us"],
-        **extra,
-        **(gemm_fields(device, shape, kind, sizes) | ({"scales": "expert x channel"} if kind == "fp8" else {})),
-    )
-    harness.wall_clock(benchmark, run_ours, device, budget)
-    args.clear()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+        extra |= reference_fields("grouped_gemm_wgrad", cpu_args, args["group_sizes_E"], device, b, label)
+    fields = gemm_fields(device, shape, kind, sizes) | ({"scales": "expert x channel"} if kind == "fp8" else {})
+    record_gemm(benchmark, ceilings, budget, device, t_ours, run_ours, args, shape.flops, extra, fields)
 
 
 # --------------------------------------------------------------------------------------------

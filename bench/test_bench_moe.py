@@ -44,6 +44,13 @@ def torchtitan_style_moe(moe: MoE):
     return forward
 
 
+def layer_shape(device: str) -> tuple[int, int, int, int, torch.dtype]:
+    """(T, D, F, E, dtype): Scout's expert widths at GPU_TOKENS in bfloat16 on CUDA, CPU_SHAPE in float32 on CPU."""
+    if device == "cuda":
+        return GPU_TOKENS, SCOUT.d_model, SCOUT.d_ff, SCOUT.n_experts, torch.bfloat16
+    return CPU_SHAPE["T"], CPU_SHAPE["D"], CPU_SHAPE["F"], CPU_SHAPE["E"], torch.float32
+
+
 def _layer_flops(T: int, D: int, F: int) -> int:
     """Forward + backward: 3x the forward's 2*T*D*2F + 2*T*F*D (routed, top-1) and the shared expert's same count."""
     return 3 * 2 * (2 * T * D * 2 * F + 2 * T * F * D)
@@ -60,12 +67,7 @@ def _fwd_bwd(fn, x_TD):
 @pytest.mark.benchmark(group="moe_layer")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_moe_layer_forward_backward(benchmark, device, budget, ceilings):
-    if device == "cuda":
-        T, D, F, E = GPU_TOKENS, SCOUT.d_model, SCOUT.d_ff, SCOUT.n_experts
-        dtype = torch.bfloat16
-    else:
-        T, D, F, E = CPU_SHAPE["T"], CPU_SHAPE["D"], CPU_SHAPE["F"], CPU_SHAPE["E"]
-        dtype = torch.float32
+    T, D, F, E, dtype = layer_shape(device)
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip(f"torch {torch.__version__} has no torch._grouped_mm baseline")
     torch.manual_seed(0)
@@ -97,12 +99,7 @@ def test_moe_layer_forward_backward(benchmark, device, budget, ceilings):
 def test_moe_layer_fp8_vs_bf16_forward_backward(benchmark, device, granularity, budget, ceilings):
     """The FP8 layer (experts and shared expert on the FP8 grouped GEMM, FP8 wgrad) against our BF16
     layer with the same weights. On CPU the FP8 GEMMs dequantise (no speedup expected: a smoke run)."""
-    if device == "cuda":
-        T, D, F, E = GPU_TOKENS, SCOUT.d_model, SCOUT.d_ff, SCOUT.n_experts
-        dtype = torch.bfloat16
-    else:
-        T, D, F, E = CPU_SHAPE["T"], CPU_SHAPE["D"], CPU_SHAPE["F"], CPU_SHAPE["E"]
-        dtype = torch.float32
+    T, D, F, E, dtype = layer_shape(device)
     torch.manual_seed(0)
     bf16 = MoE(D, F, E, 1, dtype=dtype, device=device)
     fp8 = MoE(D, F, E, 1, dtype=dtype, device=device, precision="fp8", fp8_recipe=Fp8Recipe(granularity))

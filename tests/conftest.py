@@ -1,11 +1,13 @@
 """Shared test machinery: the `gpu` marker (skipped with a reason on machines without CUDA), the
-`device` fixture (cpu, and cuda marked gpu) and a seeded torch.Generator per test.
+`device` fixture (cpu, and cuda marked gpu), a seeded torch.Generator per test, `one_thread` for the
+debug-size model modules and `nvtx_ranges`, a recorder of the NVTX ranges the code opens.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -61,3 +63,41 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
     Tests draw on the CPU and move the result to the device (one generator for every device).
     """
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Debug-size models: ops too small to split across threads, and with two threads any other load on a
+    2-core machine makes OpenMP's spin-waiting 10x slower. Restored after the module.
+
+    Use it module-wide: `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def nvtx_ranges(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(name, domain) of every NVTX range opened during the test, in order (LLAMA4_NVTX=1, nvtx's annotate
+    replaced by a recorder). Skips the test when the nvtx package is not installed."""
+    from engine import profiling
+
+    if profiling._nvtx is None:
+        pytest.skip("the nvtx package is not installed")
+    seen: list[tuple[str, str]] = []
+
+    class Recorder:
+        def __init__(self, name, domain):
+            seen.append((name, domain))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(profiling._nvtx, "annotate", Recorder)
+    monkeypatch.setenv("LLAMA4_NVTX", "1")
+    return seen

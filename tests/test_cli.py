@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.plot import read_png_size
 
@@ -19,14 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["--batch-size", "2", "--seq-len", "16", "--quiet", "--print-losses", "--device", "cpu", "--warmup", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Debug-size models: ops too small to split across threads, and with two threads any other load on a
-    2-core machine makes OpenMP's spin-waiting 10x slower. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: debug-size models, one thread
 
 
 def _engine(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_graphs import capture_cuda_graph
 
 from engine import ops
 from engine.ops import reference
@@ -30,14 +31,7 @@ def test_no_host_sync_and_graph_replay(tokens, experts, top_k):
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-        with torch.cuda.graph(graph, stream=stream):
-            route, y_TD = step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, (route, y_TD) = capture_cuda_graph(step)
 
     logits_TE.copy_(torch.randn(tokens, experts, device="cuda", generator=gen).bfloat16())  # new inputs
     graph.replay()

@@ -16,14 +16,7 @@ from tests.tolerances import greedy_tie_tol
 CUDA_HEAD_DIM = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Debug-size models: ops too small to split across threads, and with two threads any other load on a
-    2-core machine makes OpenMP's spin-waiting 10x slower. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: debug-size models, one thread
 
 
 def _model(preset: str, device, **overrides) -> Llama4ForCausalLM:

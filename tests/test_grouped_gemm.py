@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_graphs import capture_cuda_graph
 from tolerances import FP8_GEMM_MAX_DIFF, calc_diff
 
 from bench.shapes import GROUPED_GEMM_ISSUE_GROUP_SIZES, GROUPED_GEMM_TEST_K, GROUPED_GEMM_TEST_N
@@ -402,6 +403,17 @@ def test_cuda_rejects_float32_out_and_cpu_group_sizes(gen):
 OPCHECK_UTILS_FP8_INPUTS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
+def opcheck_fp8_inputs(op, args: tuple) -> None:
+    """opcheck without test_schema (OPCHECK_UTILS_FP8_INPUTS), then the check it would have made: one call
+    mutates no input, bit for bit (float8 compared as bytes)."""
+    torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS_FP8_INPUTS)
+    before = [None if t is None else t.clone() for t in args]
+    op(*args)
+    for t, b in zip(args, before, strict=True):
+        if t is not None:
+            assert torch.equal(t.view(torch.uint8), b.view(torch.uint8)) if t.element_size() == 1 else torch.equal(t, b)
+
+
 def _opcheck_args(kind, gen, device, sizes=(9, 0, 23)):
     """Group sizes summing to exactly M, so every row of the output is defined."""
     args = make_inputs(kind, gen, sum(sizes), len(sizes), N, K, device)
@@ -415,12 +427,7 @@ def test_opcheck(kind, device, gen):
     if kind == "bf16":
         torch.library.opcheck(op, args)
         return
-    torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS_FP8_INPUTS)
-    before = [None if t is None else t.clone() for t in args]
-    op(*args)
-    for t, b in zip(args, before, strict=True):
-        if t is not None:
-            assert torch.equal(t.view(torch.uint8), b.view(torch.uint8)) if t.element_size() == 1 else torch.equal(t, b)
+    opcheck_fp8_inputs(op, args)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -556,14 +563,7 @@ def test_cuda_no_host_sync_and_graph_replay(kind, gen):
         torch.cuda.set_sync_debug_mode("default")
     assert_gemm_close(out, reference_out(args, group_sizes_E), sizes_a)
 
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ops.grouped_gemm(**args, group_sizes_E=group_sizes_E)
-        with torch.cuda.graph(graph, stream=stream):
-            captured = ops.grouped_gemm(**args, group_sizes_E=group_sizes_E)
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, captured = capture_cuda_graph(lambda: ops.grouped_gemm(**args, group_sizes_E=group_sizes_E))
     group_sizes_E.copy_(sizes_tensor(sizes_b, device))
     graph.replay()
     torch.cuda.synchronize()

@@ -13,6 +13,8 @@ import re
 
 import pytest
 import torch
+from cuda_graphs import capture_cuda_graph
+from test_grouped_gemm import opcheck_fp8_inputs, random_group_sizes
 from tolerances import FP8_GEMM_MAX_DIFF, assert_wgrad_close, calc_diff
 
 from bench.shapes import GROUPED_GEMM_ISSUE_GROUP_SIZES, GROUPED_GEMM_TEST_K, GROUPED_GEMM_TEST_N
@@ -375,10 +377,6 @@ def test_cuda_rejects_float32_inputs(gen):
 # --------------------------------------------------------------------------------------------
 # opcheck, torch.compile.
 # --------------------------------------------------------------------------------------------
-# opcheck's test_schema compares inputs with torch.allclose, which torch lacks for float8.
-OPCHECK_UTILS_FP8_INPUTS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
 def _opcheck_args(kind, gen, device, sizes=(9, 0, 23)):
     args = make_inputs(kind, gen, sizes, sum(sizes) + 3, N, K, device)
     return (args["dy_MN"], args["x_MK"], sizes_tensor(sizes, device), args.get("dy_scale"), args.get("x_scale"))
@@ -392,12 +390,7 @@ def test_opcheck(kind, device, gen):
     if kind != "fp8":
         torch.library.opcheck(op, args)
         return
-    torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS_FP8_INPUTS)
-    before = [None if t is None else t.clone() for t in args]
-    op(*args)
-    for t, b in zip(args, before, strict=True):
-        if t is not None:
-            assert torch.equal(t.view(torch.uint8), b.view(torch.uint8)) if t.element_size() == 1 else torch.equal(t, b)
+    opcheck_fp8_inputs(op, args)
 
 
 def test_quantize_opcheck_and_compile(device, gen):
@@ -443,13 +436,6 @@ def test_compile_dynamic_rows(device, gen):
 # --------------------------------------------------------------------------------------------
 # GPU only: realistic sizes, determinism, no host synchronisation, CUDA graphs.
 # --------------------------------------------------------------------------------------------
-def random_group_sizes(gen: torch.Generator, M: int, E: int) -> list[int]:
-    """Top-1 routing of M rows over E experts with a skewed (lognormal) popularity; some experts may get 0."""
-    probs = torch.exp(torch.randn(E, generator=gen))
-    ids = torch.multinomial(probs / probs.sum(), M, replacement=True, generator=gen)
-    return torch.bincount(ids, minlength=E).tolist()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["bf16", "fp8"])
@@ -489,14 +475,7 @@ def test_cuda_no_host_sync_and_graph_replay(kind, gen):
         torch.cuda.set_sync_debug_mode("default")
     assert_dw_close(kind, dw, args_a, sizes_a)
 
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ops.grouped_gemm_wgrad(**args, group_sizes_E=group_sizes_E)
-        with torch.cuda.graph(graph, stream=stream):
-            captured = ops.grouped_gemm_wgrad(**args, group_sizes_E=group_sizes_E)
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, captured = capture_cuda_graph(lambda: ops.grouped_gemm_wgrad(**args, group_sizes_E=group_sizes_E))
     graph.replay()  # with sizes_a: expert 0's non-zero gradient lands in the graph's output buffer
     torch.cuda.synchronize()
     assert_dw_close(kind, captured, args_a, sizes_a)

@@ -319,28 +319,11 @@ def test_flops_per_token():
     assert model.flops_per_token(S) == pytest.approx(3 * (2 * weights + attention), rel=1e-12)
 
 
-def test_each_layer_runs_in_its_nvtx_range(monkeypatch, gen):
-    from engine import profiling
-
-    if profiling._nvtx is None:
-        pytest.skip("the nvtx package is not installed")
-    seen: list[str] = []
-
-    class Recorder:
-        def __init__(self, name, domain):
-            seen.append(name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(profiling._nvtx, "annotate", Recorder)
-    monkeypatch.setenv("LLAMA4_NVTX", "1")
+def test_each_layer_runs_in_its_nvtx_range(nvtx_ranges, gen):
     model = _model("maverick-debug", gen)
     with torch.no_grad():
         model(torch.randint(0, model.config.vocab_size, (1, 5), generator=gen))
+    seen = [name for name, _ in nvtx_ranges]
     layers = [name for name in seen if name.startswith("llama4.layer")]
     assert layers == [f"llama4.layer{i}" for i in range(model.config.num_hidden_layers)]
     assert seen.index("llama4.layer1") < seen.index("llama4.moe") < seen.index("llama4.layer2")

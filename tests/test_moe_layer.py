@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_graphs import capture_cuda_graph
 from tolerances import (
     BF16_LAYER_MAX_DIFF,
     FP8_GEMM_MAX_DIFF,
@@ -501,14 +502,7 @@ def test_cuda_no_host_sync_and_graph_capture_of_forward_backward(config, gen):
     for a, b in zip(eager, again, strict=True):
         assert torch.equal(a, b)
 
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-        with torch.cuda.graph(graph, stream=stream):
-            captured = step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, captured = capture_cuda_graph(step)
     x_TD.detach().copy_(torch.randn(300, 256, generator=gen).to("cuda", torch.bfloat16))  # new input, same address
     graph.replay()
     torch.cuda.synchronize()

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from engine import ops, profiling
 
 
-def test_ops_open_nvtx_ranges(monkeypatch):
-    if profiling._nvtx is None:
-        pytest.skip("the nvtx package is not installed")
-    seen: list[tuple[str, str]] = []
-
-    class Recorder:
-        def __init__(self, name, domain):
-            seen.append((name, domain))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(profiling._nvtx, "annotate", Recorder)
-    monkeypatch.setenv("LLAMA4_NVTX", "1")
+def test_ops_open_nvtx_ranges(nvtx_ranges):
     route = ops.moe_route(torch.randn(4, 8), 2)
     rows = ops.moe_permute(torch.randn(4, 16), route)
     ops.moe_unpermute(rows, route)
-    assert seen == [
+    assert nvtx_ranges == [
         ("llama4.moe_route", "llama4"),
         ("llama4.moe_permute", "llama4"),
         ("llama4.moe_unpermute", "llama4"),

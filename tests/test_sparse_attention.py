@@ -303,21 +303,25 @@ def test_global_stride_one_is_causal(device, dtype, gen):
     assert_equivalent(out, run(q, k, v), naive, ref, dtype, device)
 
 
-@pytest.mark.parametrize(
-    "pattern",
-    [
-        dict(global_stride=100),
-        dict(window=4, global_stride=EDGE_S - 1),
-        dict(chunk=32, global_stride=64),  # global keys at chunk starts
-        dict(window=3, sinks=1),
-        dict(window=3, sinks=EDGE_S + 7),  # every key is a sink
-        dict(chunk=1),
-        dict(chunk=1, sinks=4),
-        dict(causal=False, global_stride=7),
-        dict(causal=False, sinks=5),
-    ],
-    ids=lambda p: "-".join(f"{k}{v}" for k, v in p.items()),
-)
+# Stride and sink edges at EDGE_SHAPE (test_sparse_attention_bwd runs them too).
+STRIDE_SINK_EDGES = [
+    dict(global_stride=100),
+    dict(window=4, global_stride=EDGE_S - 1),
+    dict(chunk=32, global_stride=64),  # global keys at chunk starts
+    dict(window=3, sinks=1),
+    dict(window=3, sinks=EDGE_S + 7),  # every key is a sink
+    dict(chunk=1),
+    dict(chunk=1, sinks=4),
+    dict(causal=False, global_stride=7),
+    dict(causal=False, sinks=5),
+]
+
+
+def pattern_id(pattern: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in pattern.items())
+
+
+@pytest.mark.parametrize("pattern", STRIDE_SINK_EDGES, ids=pattern_id)
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 def test_stride_and_sink_edges(pattern, device, dtype, gen):
     q, k, v = random_qkv(gen, EDGE_SHAPE, dtype, device)

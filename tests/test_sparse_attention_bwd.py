@@ -27,6 +27,7 @@ from test_sparse_attention import (
     PATTERN_SHAPE,
     PATTERNS,
     SHAPE_PATTERNS,
+    STRIDE_SINK_EDGES,
     VARLEN_PATTERNS,
     VARLEN_SEQLENS,
     VARLEN_SEQLENS_K,
@@ -35,6 +36,7 @@ from test_sparse_attention import (
     dtype_id,
     host_allocation_cap,
     naive_attention,
+    pattern_id,
     random_qkv,
     visible_mask,
 )
@@ -301,18 +303,10 @@ def test_chunks_do_not_leak(device, dtype, gen):
     "pattern",
     [
         dict(global_stride=1),
-        dict(global_stride=100),
         dict(global_stride=EDGE_S + 10),  # only key 0 is visible: out = v[0], dq = dk = 0
-        dict(window=4, global_stride=EDGE_S - 1),
-        dict(chunk=32, global_stride=64),  # global keys at chunk starts
-        dict(window=3, sinks=1),
-        dict(window=3, sinks=EDGE_S + 7),  # every key is a sink
-        dict(chunk=1),
-        dict(chunk=1, sinks=4),
-        dict(causal=False, global_stride=7),
-        dict(causal=False, sinks=5),
+        *STRIDE_SINK_EDGES,
     ],
-    ids=lambda p: "-".join(f"{k}{v}" for k, v in p.items()),
+    ids=pattern_id,
 )
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 def test_stride_and_sink_edges(pattern, device, dtype, gen):

@@ -27,14 +27,7 @@ TEXT = ("the quick brown fox jumps over the lazy dog. " * 40).encode()
 B, S = 4, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Debug-size models: ops too small to split across threads, and with two threads any other load on a
-    2-core machine makes OpenMP's spin-waiting 10x slower. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: debug-size models, one thread
 
 
 def _stream(seed: int = 0) -> TokenStream:

@@ -355,30 +355,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_grouped_cuda(const at::Tensor& x
   return {out, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v,
-                                                             const std::optional<at::Tensor>& cu_seqlens_q,
-                                                             const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
-                                                             int64_t window, int64_t chunk, int64_t global_stride,
-                                                             int64_t sinks, double softmax_scale) {
-  constexpr const char* op = "sparse_attention";
-  const AttentionSizes sz = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, chunk,
-                                                 global_stride, sinks, softmax_scale);
-  check_cuda(q, op, "q");
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-                   ": on CUDA, q, k and v must be bfloat16 or float16, got ", q.scalar_type());
-  TORCH_CHECK_VALUE(sz.head_dim == 64 || sz.head_dim == 128, op, ": on CUDA, head_dim must be 64 or 128, got ",
-                    sz.head_dim);
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty({sz.batch, sz.seqlen_q, sz.heads, sz.head_dim}, q.options());
-  at::Tensor lse = at::empty({sz.batch, sz.heads, sz.seqlen_q}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  kernels::SparseAttentionParams p{};
+// The launch parameters the forward and the backward share: q, k, v and their strides, the sizes, the varlen offsets,
+// the mask and the scale.
+template <class Params>
+void set_attention_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                          const AttentionSizes& sz, double softmax_scale) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
   p.dtype = to_kernel_dtype(q.scalar_type());
   p.batch = sz.batch;
   p.seqlen_q = sz.seqlen_q;
@@ -401,6 +386,30 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
   }
   p.mask = sz.mask;
   p.softmax_scale = static_cast<float>(softmax_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v,
+                                                             const std::optional<at::Tensor>& cu_seqlens_q,
+                                                             const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
+                                                             int64_t window, int64_t chunk, int64_t global_stride,
+                                                             int64_t sinks, double softmax_scale) {
+  constexpr const char* op = "sparse_attention";
+  const AttentionSizes sz = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, chunk,
+                                                 global_stride, sinks, softmax_scale);
+  check_cuda(q, op, "q");
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+                   ": on CUDA, q, k and v must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(sz.head_dim == 64 || sz.head_dim == 128, op, ": on CUDA, head_dim must be 64 or 128, got ",
+                    sz.head_dim);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({sz.batch, sz.seqlen_q, sz.heads, sz.head_dim}, q.options());
+  at::Tensor lse = at::empty({sz.batch, sz.heads, sz.seqlen_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  kernels::SparseAttentionParams p{};
+  set_attention_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, sz, softmax_scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
   check_launch(kernels::sparse_attention_fwd(p, c10::cuda::getCurrentCUDAStream()), op);
   return {out, lse};
 }
@@ -428,41 +437,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
       kernels::sparse_attention_bwd_workspace_bytes(sz.batch, static_cast<int32_t>(sz.heads), sz.seqlen_q);
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   kernels::SparseAttentionBwdParams p{};
+  set_attention_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, sz, softmax_scale);
   p.dout = dout.data_ptr();
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.workspace = ws_bytes ? workspace.data_ptr() : nullptr;
-  p.dtype = to_kernel_dtype(q.scalar_type());
-  p.batch = sz.batch;
-  p.seqlen_q = sz.seqlen_q;
-  p.seqlen_k = sz.seqlen_k;
-  p.heads = static_cast<int32_t>(sz.heads);
-  p.kv_heads = static_cast<int32_t>(sz.kv_heads);
-  p.head_dim = static_cast<int32_t>(sz.head_dim);
   for (int d = 0; d < 3; ++d) {
     p.dout_strides[d] = dout.stride(d);
-    p.q_strides[d] = q.stride(d);
-    p.k_strides[d] = k.stride(d);
-    p.v_strides[d] = v.stride(d);
     p.out_strides[d] = out.stride(d);
   }
-  if (cu_seqlens_q.has_value()) {
-    p.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
-    p.cu_seqlens_k = cu_seqlens_k->data_ptr<int32_t>();
-    p.num_seqs = static_cast<int32_t>(sz.num_seqs);
-    // The longest sequences are not known on the host without a sync: bound them by the totals (tiles past a
-    // sequence's end exit at once).
-    p.max_seqlen_q = static_cast<int32_t>(sz.seqlen_q);
-    p.max_seqlen_k = static_cast<int32_t>(sz.seqlen_k);
-  }
-  p.mask = sz.mask;
-  p.softmax_scale = static_cast<float>(softmax_scale);
+  // Varlen: the longest key sequence is bounded by the total too (as max_seqlen_q in set_attention_params).
+  if (cu_seqlens_q.has_value()) p.max_seqlen_k = static_cast<int32_t>(sz.seqlen_k);
   p.deterministic = deterministic;  // always deterministic (no atomics): see sparse_attention_bwd.h
   check_launch(kernels::sparse_attention_bwd(p, c10::cuda::getCurrentCUDAStream()), op);
   return {dq, dk, dv};

@@ -22,6 +22,20 @@ at::Tensor expand_blocks(const at::Tensor& scale, int64_t rows, int64_t cols, in
   return scale.repeat_interleave(row_block, 0).repeat_interleave(kBlock, 1).narrow(0, 0, rows).narrow(1, 0, cols);
 }
 
+// First row of each expert: the prefix sums of group_sizes [E], which must be >= 0 and sum to at most the M rows of
+// `operands` (named in the error with the op).
+std::vector<int64_t> group_starts(const int32_t* sizes, int64_t E, int64_t M, const char* op, const char* operands) {
+  std::vector<int64_t> starts(static_cast<size_t>(E));
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(sizes[e] >= 0, op, ": group_sizes must be >= 0, got ", sizes[e], " for expert ", e);
+    starts[static_cast<size_t>(e)] = total;
+    total += sizes[e];
+  }
+  TORCH_CHECK_VALUE(total <= M, op, ": sum(group_sizes) = ", total, " exceeds the M = ", M, " rows of ", operands);
+  return starts;
+}
+
 }  // namespace
 
 at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
@@ -29,12 +43,7 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         const GroupedGemmSizes& sz, at::ScalarType out_dtype) {
   at::Tensor out = at::empty({sz.M, sz.N}, x.options().dtype(out_dtype));
   const int32_t* sizes = group_sizes.data_ptr<int32_t>();
-  int64_t total = 0;
-  for (int64_t e = 0; e < sz.E; ++e) {
-    TORCH_CHECK_VALUE(sizes[e] >= 0, "grouped_gemm: group_sizes must be >= 0, got ", sizes[e], " for expert ", e);
-    total += sizes[e];
-  }
-  TORCH_CHECK_VALUE(total <= sz.M, "grouped_gemm: sum(group_sizes) = ", total, " exceeds the M = ", sz.M, " rows of x");
+  group_starts(sizes, sz.E, sz.M, "grouped_gemm", "x");  // the checks only: the loop below walks the rows in order
 
   at::Tensor xf = x.to(at::kFloat);
   if (sz.fp8) {
@@ -61,16 +70,8 @@ namespace llama4::cpu {
 at::Tensor grouped_gemm_wgrad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& group_sizes,
                               const std::optional<at::Tensor>& dy_scale, const std::optional<at::Tensor>& x_scale,
                               const GroupedWgradSizes& sz, at::ScalarType out_dtype) {
-  constexpr const char* op = "grouped_gemm_wgrad";
   const int32_t* sizes = group_sizes.data_ptr<int32_t>();
-  std::vector<int64_t> starts(static_cast<size_t>(sz.E));
-  int64_t total = 0;
-  for (int64_t e = 0; e < sz.E; ++e) {
-    TORCH_CHECK_VALUE(sizes[e] >= 0, op, ": group_sizes must be >= 0, got ", sizes[e], " for expert ", e);
-    starts[static_cast<size_t>(e)] = total;
-    total += sizes[e];
-  }
-  TORCH_CHECK_VALUE(total <= sz.M, op, ": sum(group_sizes) = ", total, " exceeds the M = ", sz.M, " rows of dy and x");
+  const std::vector<int64_t> starts = group_starts(sizes, sz.E, sz.M, "grouped_gemm_wgrad", "dy and x");
 
   at::Tensor dw = at::empty({sz.E, sz.N, sz.K}, dy.options().dtype(out_dtype));
   // One expert per task: each dw[e] is one float32 matmul over that expert's rows and nothing else, so the result
@@ -140,16 +141,8 @@ void quantize_grouped_typed(const float* x, int64_t M, int64_t C, const std::vec
 
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_grouped(const at::Tensor& x, const at::Tensor& group_sizes,
                                                         const Fp8GroupedQuantSizes& sz, at::ScalarType fp8_dtype) {
-  constexpr const char* op = "quantize_fp8_grouped";
   const int32_t* sizes = group_sizes.data_ptr<int32_t>();
-  std::vector<int64_t> starts(static_cast<size_t>(sz.E));
-  int64_t total = 0;
-  for (int64_t e = 0; e < sz.E; ++e) {
-    TORCH_CHECK_VALUE(sizes[e] >= 0, op, ": group_sizes must be >= 0, got ", sizes[e], " for expert ", e);
-    starts[static_cast<size_t>(e)] = total;
-    total += sizes[e];
-  }
-  TORCH_CHECK_VALUE(total <= sz.M, op, ": sum(group_sizes) = ", total, " exceeds the M = ", sz.M, " rows of x");
+  const std::vector<int64_t> starts = group_starts(sizes, sz.E, sz.M, "quantize_fp8_grouped", "x");
   at::Tensor out = at::empty({sz.M, sz.C}, x.options().dtype(fp8_dtype));
   at::Tensor scale = at::empty({sz.E, sz.C}, x.options().dtype(at::kFloat));
   const at::Tensor xf = x.to(at::kFloat).contiguous();

@@ -70,6 +70,17 @@ __device__ __forceinline__ int32_t expert_of_row(const int64_t* ends, int32_t E,
   return lo;
 }
 
+// Calls body(r0, r1) for each kRowsPerCta-row chunk [r0, r1) this CTA owns: a grid-stride loop along grid.y, which
+// the launcher caps at kMaxGridY.
+template <typename Body>
+__device__ __forceinline__ void for_each_row_chunk(int64_t rows, Body body) {
+  const int64_t chunks = (rows + kRowsPerCta - 1) / kRowsPerCta;
+  for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const int64_t r0 = chunk * kRowsPerCta;
+    body(r0, r0 + kRowsPerCta < rows ? r0 + kRowsPerCta : rows);
+  }
+}
+
 // Non-negative floats order like their bits, so an integer atomicMax is an exact max (and NaN, whose bits are
 // above +inf once the sign is cleared, wins): the result does not depend on the order the CTAs arrive in.
 __device__ __forceinline__ void flush_amax(const Fp8GroupedQuantParams& p, int32_t e, int64_t c0, const float* m) {
@@ -85,10 +96,7 @@ __global__ void __launch_bounds__(kThreads) grouped_amax_kernel(const Fp8Grouped
   __shared__ int64_t ends[kQuantGroupedMaxExperts];
   load_expert_ends(p, ends);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kColsPerCta + threadIdx.x;
-  const int64_t chunks = (p.rows + kRowsPerCta - 1) / kRowsPerCta;
-  for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
-    const int64_t r0 = chunk * kRowsPerCta;
-    const int64_t r1 = r0 + kRowsPerCta < p.rows ? r0 + kRowsPerCta : p.rows;
+  for_each_row_chunk(p.rows, [&](int64_t r0, int64_t r1) {
     int32_t e = expert_of_row(ends, p.E, r0);
     float m[kColsPerThread] = {};
     for (int64_t r = r0; r < r1; ++r) {
@@ -106,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) grouped_amax_kernel(const Fp8Grouped
       }
     }
     if (e < p.E) flush_amax(p, e, c0, m);
-  }
+  });
 }
 
 __global__ void __launch_bounds__(kScaleThreads) amax_to_scale_kernel(float* scale, int64_t n, Fp8Kind kind) {
@@ -119,10 +127,7 @@ __global__ void __launch_bounds__(kThreads) grouped_quantize_kernel(const Fp8Gro
   __shared__ int64_t ends[kQuantGroupedMaxExperts];
   load_expert_ends(p, ends);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kColsPerCta + threadIdx.x;
-  const int64_t chunks = (p.rows + kRowsPerCta - 1) / kRowsPerCta;
-  for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
-    const int64_t r0 = chunk * kRowsPerCta;
-    const int64_t r1 = r0 + kRowsPerCta < p.rows ? r0 + kRowsPerCta : p.rows;
+  for_each_row_chunk(p.rows, [&](int64_t r0, int64_t r1) {
     int32_t e = -1;
     float s[kColsPerThread] = {};
     for (int64_t r = r0; r < r1; ++r) {
@@ -144,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) grouped_quantize_kernel(const Fp8Gro
         p.out[i] = e < p.E ? to_fp8(fp8_scaled_saturated(load_element(p.x, p.x_dtype, i), s[j], p.kind), p.kind) : 0;
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -23,23 +23,14 @@
 #define NDEBUG
 #endif
 
-#include <cuda_runtime.h>
+#include "grouped_gemm_sm90_common.cuh"  // first after NDEBUG: the CUDA runtime and the shared CUTLASS headers
 
-#include <atomic>
-#include <cstddef>
 #include <cstdint>
-#include <type_traits>
 
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
 #include "cutlass/detail/blockwise_scale_layout.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/callbacks.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
-#include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "grouped_gemm.h"
 #include "grouped_gemm_heuristics.h"
@@ -51,26 +42,12 @@ namespace llama4::kernels {
 namespace {
 
 using namespace cute;
+using namespace grouped_sm90;  // constants, epilogues, workspace carving, scan, occupancy (shared with the wgrad)
 
 // ---------------------------------------------------------------------------------------------------------------
-// Named constants.
+// Named constants (the shared ones are in grouped_gemm_sm90_common.cuh).
 // ---------------------------------------------------------------------------------------------------------------
 
-// The setup kernel is one block: E is at most a few hundred experts, so one block scan is cheaper than any
-// multi-block scheme (and it is a single launch in a decode step).
-constexpr int kSetupThreads = 256;
-constexpr int kWarpSize = 32;
-// CUTLASS keeps two or three 128-byte TMA descriptors per SM in the workspace (it rewrites them when a CTA moves
-// to another group). The workspace is sized for this many SMs so that its size is a pure function of the problem
-// (fake kernels and graph capture can size it with no device query); the grid uses min(SMs, this).
-constexpr int kWorkspaceSmSlots = 256;
-// Devices whose cluster occupancy is cached (a larger device id is simply queried on every call).
-constexpr int kMaxCachedDevices = 64;
-// Alignment of every array carved out of the workspace (TMA descriptors need 64 bytes; 256 keeps it simple).
-constexpr size_t kCarveAlign = 256;
-// fp32 accumulators are promoted (added into a separate fp32 sum) every 4 FP8 MMAs of K = 32, i.e. every 128 of
-// K: the tensor core's internal FP8 accumulation keeps too few mantissa bits for K = 5120..8192 sums otherwise.
-constexpr uint32_t kFp8PromotionInterval = 4;
 // Block-scale granularity: x per 1 row x 128 of K, w per 128 of N x 128 of K (DeepSeek-V3 style).
 constexpr int kScaleBlock = static_cast<int>(kGroupedGemmScaleBlock);
 
@@ -132,11 +109,8 @@ struct Fp8BlockwiseConfig {
 // CUTLASS type assembly shared by the configs.
 // ---------------------------------------------------------------------------------------------------------------
 
-using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M_e, N, K) per group
-using ProblemShapeMNK = ProblemShape::UnderlyingProblemShape;
+// ProblemShape (grouped_gemm_sm90_common.cuh): (M_e, N, K) per group.
 using ElementOut = cutlass::bfloat16_t;
-using ElementAccum = float;
-using ElementScale = float;
 // A = x_e [M_e, K], K contiguous. B = w_e^T, a K x N matrix stored as w_e [N, K]: "column-major" with K
 // contiguous. D = out_e [M_e, N], N contiguous. The pointer tags mark per-group (ptr-array) strides.
 using LayoutX = cutlass::layout::RowMajor;
@@ -151,21 +125,10 @@ using LayoutSFA = decltype(BlockScaleConfig::deduce_layoutSFA());
 using LayoutSFB = decltype(BlockScaleConfig::deduce_layoutSFB());
 
 // out = bf16(w_scale[n] * (x_scale[m] * acc)): the x scale is a column vector of the output tile (one value per
-// row m), the w scale a row vector (one per channel n). Both come through arrays of per-group pointers. Alignment
-// 1: the x-scale pointer of a group starts at an arbitrary row, so it cannot be loaded as 16-byte vectors.
+// row m), the w scale a row vector (one per channel n). Alignment 1: the x-scale pointer of a group starts at an
+// arbitrary row, so it cannot be loaded as 16-byte vectors.
 template <class TileShape>
-using RowChannelScaleEpilogue = cutlass::epilogue::fusion::Sm90EVT<
-    cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementOut, ElementAccum,
-                                           cutlass::FloatRoundStyle::round_to_nearest>,
-    cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, ElementScale*, ElementAccum, Stride<_0, _1, _0>, 1>,
-    cutlass::epilogue::fusion::Sm90EVT<
-        cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementAccum, ElementAccum,
-                                               cutlass::FloatRoundStyle::round_to_nearest>,
-        cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, ElementScale*, ElementAccum, Stride<_1, _0, _0>, 1>,
-        cutlass::epilogue::fusion::Sm90AccFetch>>;
-
-// out = bf16(acc): no source tensor (ElementC = void), so C is never loaded.
-using PlainEpilogue = cutlass::epilogue::fusion::LinearCombination<ElementOut, ElementAccum, void, ElementAccum>;
+using RowChannelScaleEpilogue = ScaleEpilogue<TileShape, ElementOut>;
 
 template <class Config>
 struct GroupedGemm {
@@ -175,8 +138,8 @@ struct GroupedGemm {
   static constexpr Scaling kScaling = Config::kScaling;
   static constexpr int kAlignIn = 16 / static_cast<int>(sizeof(Element));
 
-  using FusionOp =
-      cute::conditional_t<kScaling == Scaling::kRowChannel, RowChannelScaleEpilogue<TileShape>, PlainEpilogue>;
+  using FusionOp = cute::conditional_t<kScaling == Scaling::kRowChannel, RowChannelScaleEpilogue<TileShape>,
+                                       PlainEpilogue<ElementOut>>;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, ElementAccum, ElementAccum, void, LayoutOut*, kAlignOut,
@@ -222,45 +185,19 @@ struct GroupArrays {
   LayoutSFB* layout_sfb;
 };
 
-constexpr size_t align_up(size_t bytes) {
-  return (bytes + kCarveAlign - 1) / kCarveAlign * kCarveAlign;
-}
-
-template <class G>
-size_t cutlass_workspace_bytes() {
-  typename G::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-  args.hw_info.sm_count = kWorkspaceSmSlots;  // never 0: 0 would make CUTLASS query the device
-  return align_up(G::Gemm::get_workspace_size(args));
-}
-
-// Walks the workspace layout once: with base == nullptr it only counts bytes.
+// Walks the workspace layout once (base == nullptr only counts bytes): CUTLASS's descriptors, the per-group arrays,
+// then (block scales) the per-group scale layouts.
 template <class G>
 size_t carve_group_arrays(char* base, int64_t E, GroupArrays<G>* out) {
-  size_t offset = cutlass_workspace_bytes<G>();  // CUTLASS's TMA descriptors first (64-byte aligned)
-  auto take = [&](auto*& ptr, size_t element_bytes) {
-    using Ptr = std::remove_reference_t<decltype(ptr)>;
-    ptr = base == nullptr ? nullptr : reinterpret_cast<Ptr>(base + offset);
-    offset += align_up(element_bytes * static_cast<size_t>(E));
-  };
+  WorkspaceCarver<G> carver{base};
   GroupArrays<G> g{};
-  take(g.shapes, sizeof(ProblemShapeMNK));
-  take(g.a, sizeof(*g.a));
-  take(g.b, sizeof(*g.b));
-  take(g.d, sizeof(*g.d));
-  take(g.stride_a, sizeof(*g.stride_a));
-  take(g.stride_b, sizeof(*g.stride_b));
-  take(g.stride_d, sizeof(*g.stride_d));
-  if (G::kScaling != Scaling::kNone) {
-    take(g.scale_a, sizeof(*g.scale_a));
-    take(g.scale_b, sizeof(*g.scale_b));
-  }
+  carver.take_group_arrays(g, E, G::kScaling != Scaling::kNone);
   if (G::kScaling == Scaling::kBlock) {
-    take(g.layout_sfa, sizeof(*g.layout_sfa));
-    take(g.layout_sfb, sizeof(*g.layout_sfb));
+    carver.take(g.layout_sfa, sizeof(*g.layout_sfa) * static_cast<size_t>(E));
+    carver.take(g.layout_sfb, sizeof(*g.layout_sfb) * static_cast<size_t>(E));
   }
   if (out != nullptr) *out = g;
-  return offset;
+  return carver.offset;
 }
 
 template <class G>
@@ -284,31 +221,6 @@ struct SetupArgs {
   int64_t k_blocks;  // ceil(K / 128)
   int64_t n_blocks;  // ceil(N / 128)
 };
-
-// Inclusive prefix sum over the block (int64: the row total may exceed 2^31 in principle).
-__device__ __forceinline__ int64_t block_inclusive_scan(int64_t v, int64_t* warp_totals) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int off = 1; off < kWarpSize; off *= 2) {
-    const int64_t n = __shfl_up_sync(0xffffffffu, v, off);
-    if (lane >= off) v += n;
-  }
-  if (lane == kWarpSize - 1) warp_totals[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    constexpr int kWarps = kSetupThreads / kWarpSize;
-    int64_t t = lane < kWarps ? warp_totals[lane] : 0;
-#pragma unroll
-    for (int off = 1; off < kWarpSize; off *= 2) {
-      const int64_t n = __shfl_up_sync(0xffffffffu, t, off);
-      if (lane >= off) t += n;
-    }
-    if (lane < kWarps) warp_totals[lane] = t;
-  }
-  __syncthreads();
-  return warp > 0 ? v + warp_totals[warp - 1] : v;
-}
 
 // One block. Thread t owns experts [t * per_thread, (t + 1) * per_thread): it sums their sizes, the block scan
 // gives its first row, and it writes its experts' entries in order.
@@ -364,52 +276,6 @@ __global__ void __launch_bounds__(kSetupThreads) grouped_gemm_setup_kernel(Setup
 // Launch.
 // ---------------------------------------------------------------------------------------------------------------
 
-// How many clusters of this kernel fit on the device at once (0: let CUTLASS use the SM count). The grid is
-// persistent with a static tile schedule, so a grid larger than what fits would leave some clusters waiting for a
-// whole first wave and then running their full share of tiles after everyone else (up to a 2x tail). GPCs have
-// SM counts that need not divide by the cluster size, so this is less than SMs / cluster size in general.
-// Cached per device: the answer depends only on the kernel and the device.
-template <class G>
-int max_active_clusters(int device) {
-  using Kernel = typename G::Kernel;
-  constexpr int kClusterSize = cute::size(typename G::ClusterShape{});
-  if constexpr (kClusterSize == 1) {
-    return 0;
-  } else {
-    static std::atomic<int> cache[kMaxCachedDevices] = {};
-    if (device >= 0 && device < kMaxCachedDevices) {
-      const int cached = cache[device].load(std::memory_order_relaxed);
-      if (cached > 0) return cached;
-    }
-    const void* kernel = reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>);
-    const int smem_bytes = static_cast<int>(Kernel::SharedStorageSize);
-    // The query accounts for the dynamic shared memory only once the kernel is allowed to use that much.
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess) {
-      cudaGetLastError();  // clear it: fall back to CUTLASS's SM-count heuristic
-      return 0;
-    }
-    cudaLaunchAttribute cluster_attr{};
-    cluster_attr.id = cudaLaunchAttributeClusterDimension;
-    cluster_attr.val.clusterDim.x = cute::size<0>(typename G::ClusterShape{});
-    cluster_attr.val.clusterDim.y = cute::size<1>(typename G::ClusterShape{});
-    cluster_attr.val.clusterDim.z = cute::size<2>(typename G::ClusterShape{});
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(cluster_attr.val.clusterDim.x, cluster_attr.val.clusterDim.y, cluster_attr.val.clusterDim.z);
-    config.blockDim = dim3(Kernel::MaxThreadsPerBlock, 1, 1);
-    config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
-    config.attrs = &cluster_attr;
-    config.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-      cudaGetLastError();
-      return 0;
-    }
-    if (clusters > 0 && device >= 0 && device < kMaxCachedDevices)
-      cache[device].store(clusters, std::memory_order_relaxed);
-    return clusters;
-  }
-}
-
 template <class G>
 Status run(const GroupedGemmParams& p, int device, int sm_count, cudaStream_t stream) {
   GroupArrays<G> g{};
@@ -433,14 +299,7 @@ Status run(const GroupedGemmParams& p, int device, int sm_count, cudaStream_t st
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
 
   typename G::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-  // No host copy of the shapes (that would need a synchronisation): CUTLASS then launches a persistent grid
-  // and skips its host-side per-group checks, which grouped_gemm() does instead.
-  args.problem_shape = ProblemShape{p.E, g.shapes, nullptr};
-  args.mainloop.ptr_A = g.a;
-  args.mainloop.dA = g.stride_a;
-  args.mainloop.ptr_B = g.b;
-  args.mainloop.dB = g.stride_b;
+  set_group_arrays<G>(args, p.E, g);  // device-side shapes: a persistent grid, no host synchronisation
   if constexpr (G::kScaling == Scaling::kBlock) {
     args.mainloop.ptr_SFA = g.scale_a;
     args.mainloop.layout_SFA = g.layout_sfa;
@@ -449,10 +308,6 @@ Status run(const GroupedGemmParams& p, int device, int sm_count, cudaStream_t st
   } else if constexpr (cute::is_same_v<typename G::Element, cutlass::float_e4m3_t>) {
     args.mainloop.mma_promotion_interval = kFp8PromotionInterval;
   }
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = nullptr;
-  args.epilogue.ptr_D = g.d;
-  args.epilogue.dD = g.stride_d;
   if constexpr (G::kScaling == Scaling::kRowChannel) {
     // EVT arguments mirror the tree: op_0 = w-scale row broadcast, op_1 = (x-scale column broadcast * acc).
     // Null pointer arrays (FP8 without scales) fall back to the broadcast's null_default, here 1.
@@ -465,19 +320,12 @@ Status run(const GroupedGemmParams& p, int device, int sm_count, cudaStream_t st
     args.epilogue.thread.alpha = ElementAccum(1);
     args.epilogue.thread.beta = ElementAccum(0);
   }
-  args.hw_info.device_id = device;
-  args.hw_info.sm_count = sm_count;
-  args.hw_info.max_active_clusters = max_active_clusters<G>(device);
   // Along M: the CTAs of a wave walk a group's row tiles for the same N tile first, so each weight tile is read
   // from HBM once and re-used from L2 by all of the group's row tiles (the weights dominate the bytes in MoE).
-  using RasterOrderOptions = typename G::Kernel::TileScheduler::RasterOrderOptions;
-  args.scheduler.raster_order = RasterOrderOptions::AlongM;
-  args.scheduler.max_swizzle_size = 1;
+  set_persistent_schedule<G>(args, device, sm_count);
 
-  typename G::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return Status::kUnsupported;
-  if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) return Status::kCudaError;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return Status::kCudaError;
+  const Status status = run_cutlass<G>(args, p.workspace, stream);
+  if (status != Status::kOk) return status;
   return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
 }
 
@@ -485,10 +333,6 @@ using Bf16Cooperative = GroupedGemm<Bf16CooperativeConfig>;
 using Bf16Pingpong = GroupedGemm<Bf16PingpongConfig>;
 using Fp8Rowwise = GroupedGemm<Fp8RowwiseConfig>;
 using Fp8Blockwise = GroupedGemm<Fp8BlockwiseConfig>;
-
-bool is_aligned(const void* ptr, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
-}
 
 // Everything the launcher can check without touching the device. Same rules for sizing and launching.
 Status validate_sizes(int32_t E, int64_t M, int64_t N, int64_t K, GemmInput input, ScaleKind scale_kind) {
@@ -541,13 +385,8 @@ Status grouped_gemm(const GroupedGemmParams& p, cudaStream_t stream) {
 
   int device = 0;
   int sm_count = 0;
-  int major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-    return Status::kCudaError;
-  if (major != 9) return Status::kUnsupported;  // sm_90a code runs on Hopper only
-  sm_count = sm_count < kWorkspaceSmSlots ? sm_count : kWorkspaceSmSlots;
+  const Status device_status = query_hopper_device(&device, &sm_count);
+  if (device_status != Status::kOk) return device_status;
 
   switch (choose_grouped_gemm_kernel(p.input, p.scale_kind, p.M, p.E, p.N, p.K)) {
     case GroupedGemmKernel::kBf16Cooperative: return run<Bf16Cooperative>(p, device, sm_count, stream);

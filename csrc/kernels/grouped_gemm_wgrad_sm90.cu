@@ -26,22 +26,14 @@
 #define NDEBUG
 #endif
 
-#include <cuda_runtime.h>
+#include "grouped_gemm_sm90_common.cuh"  // first after NDEBUG: the CUDA runtime and the shared CUTLASS headers
 
-#include <atomic>
-#include <cstddef>
 #include <cstdint>
-#include <type_traits>
+#include <tuple>
 
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/callbacks.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
-#include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "grouped_gemm_wgrad.h"
 
@@ -52,23 +44,12 @@ namespace llama4::kernels {
 namespace {
 
 using namespace cute;
+using namespace grouped_sm90;  // constants, epilogues, workspace carving, scan, occupancy (shared with the forward)
 
 // ---------------------------------------------------------------------------------------------------------------
-// Named constants.
+// Named constants (the shared ones, kSetupThreads to kFp8PromotionInterval, are in grouped_gemm_sm90_common.cuh).
 // ---------------------------------------------------------------------------------------------------------------
 
-// The setup kernel is one block: E is at most a few hundred experts, so one block scan beats any multi-block scheme.
-constexpr int kSetupThreads = 256;
-constexpr int kWarpSize = 32;
-// CUTLASS's per-SM TMA descriptors are sized for this many SMs, so the workspace size is a pure function of the
-// problem (fake kernels and graph capture size it without a device query); the grid uses min(SMs, this).
-constexpr int kWorkspaceSmSlots = 256;
-constexpr int kMaxCachedDevices = 64;
-// Alignment of every array carved out of the workspace (TMA descriptors need 64 bytes; 256 keeps it simple).
-constexpr size_t kCarveAlign = 256;
-// fp32 promotion every 4 FP8 MMAs (128 of the reduction): Hopper's internal FP8 accumulation keeps too few mantissa
-// bits for sums over thousands of rows.
-constexpr uint32_t kFp8PromotionInterval = 4;
 // Transpose tile: 64 padded rows x 64 channels per block, moved as 16-byte vectors (one per thread in each phase).
 constexpr int kTransposeTile = 64;
 constexpr int kTransposeThreads = 256;
@@ -120,28 +101,14 @@ struct Fp8WgradConfig {
 // CUTLASS type assembly.
 // ---------------------------------------------------------------------------------------------------------------
 
-using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (N, K, M_e) per group
-using ProblemShapeMNK = ProblemShape::UnderlyingProblemShape;
-using ElementAccum = float;
-using ElementScale = float;
+// ProblemShape (grouped_gemm_sm90_common.cuh): (N, K, M_e) per group.
 using LayoutOut = cutlass::layout::RowMajor;  // dw[e] [N, K], K contiguous
 
 // dw = out(x_scale[k] * (dy_scale[n] * acc)): dy's scale is a column vector of the output tile (one per row n), x's
 // a row vector (one per column k); both through arrays of per-group pointers (the tile's group picks the expert).
+// dw = out(acc) without scales (PlainEpilogue): the gradient is written, never accumulated into.
 template <class TileShape, class ElementOut>
-using WgradScaleEpilogue = cutlass::epilogue::fusion::Sm90EVT<
-    cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementOut, ElementAccum,
-                                           cutlass::FloatRoundStyle::round_to_nearest>,
-    cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, ElementScale*, ElementAccum, Stride<_0, _1, _0>, 1>,
-    cutlass::epilogue::fusion::Sm90EVT<
-        cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementAccum, ElementAccum,
-                                               cutlass::FloatRoundStyle::round_to_nearest>,
-        cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, ElementScale*, ElementAccum, Stride<_1, _0, _0>, 1>,
-        cutlass::epilogue::fusion::Sm90AccFetch>>;
-
-// dw = out(acc): no source tensor (ElementC = void): the gradient is written, never accumulated into.
-template <class ElementOut>
-using PlainEpilogue = cutlass::epilogue::fusion::LinearCombination<ElementOut, ElementAccum, void, ElementAccum>;
+using WgradScaleEpilogue = ScaleEpilogue<TileShape, ElementOut>;
 
 template <class Config>
 struct GroupedWgrad {
@@ -199,57 +166,30 @@ struct ExpertRows {
   int32_t* rows;       // [E] rows of expert e after clamping (0: dw[e] is zeroed)
 };
 
-constexpr size_t align_up(size_t bytes) {
-  return (bytes + kCarveAlign - 1) / kCarveAlign * kCarveAlign;
-}
-
-template <class G>
-size_t cutlass_workspace_bytes() {
-  typename G::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-  args.hw_info.sm_count = kWorkspaceSmSlots;  // never 0: 0 would make CUTLASS query the device
-  return align_up(G::Gemm::get_workspace_size(args));
-}
-
 // Walks the workspace layout once (base == nullptr only counts bytes): CUTLASS's descriptors, the per-group arrays,
 // the per-expert rows, then (FP8) the transposes dy^T [N, P] and x^T [K, P].
 template <class G>
 size_t carve_workspace(char* base, int64_t E, int64_t N, int64_t K, int64_t padded_rows, GroupArrays<G>* arrays,
                        ExpertRows* experts, void** dy_t, void** x_t) {
-  size_t offset = cutlass_workspace_bytes<G>();
-  auto take = [&](auto*& ptr, size_t bytes) {
-    using Ptr = std::remove_reference_t<decltype(ptr)>;
-    ptr = base == nullptr ? nullptr : reinterpret_cast<Ptr>(base + offset);
-    offset += align_up(bytes);
-  };
+  WorkspaceCarver<G> carver{base};
   const size_t groups = static_cast<size_t>(E);
   GroupArrays<G> g{};
-  take(g.shapes, sizeof(ProblemShapeMNK) * groups);
-  take(g.a, sizeof(*g.a) * groups);
-  take(g.b, sizeof(*g.b) * groups);
-  take(g.d, sizeof(*g.d) * groups);
-  take(g.stride_a, sizeof(*g.stride_a) * groups);
-  take(g.stride_b, sizeof(*g.stride_b) * groups);
-  take(g.stride_d, sizeof(*g.stride_d) * groups);
-  if (G::kScaled) {
-    take(g.scale_a, sizeof(*g.scale_a) * groups);
-    take(g.scale_b, sizeof(*g.scale_b) * groups);
-  }
+  carver.take_group_arrays(g, E, G::kScaled);
   ExpertRows r{};
-  take(r.row_begin, sizeof(int64_t) * groups);
-  take(r.pad_begin, sizeof(int64_t) * (groups + 1));
-  take(r.rows, sizeof(int32_t) * groups);
+  carver.take(r.row_begin, sizeof(int64_t) * groups);
+  carver.take(r.pad_begin, sizeof(int64_t) * (groups + 1));
+  carver.take(r.rows, sizeof(int32_t) * groups);
   char* dyt = nullptr;
   char* xt = nullptr;
   if (G::kScaled) {
-    take(dyt, static_cast<size_t>(N) * static_cast<size_t>(padded_rows) * sizeof(typename G::Element));
-    take(xt, static_cast<size_t>(K) * static_cast<size_t>(padded_rows) * sizeof(typename G::Element));
+    carver.take(dyt, static_cast<size_t>(N) * static_cast<size_t>(padded_rows) * sizeof(typename G::Element));
+    carver.take(xt, static_cast<size_t>(K) * static_cast<size_t>(padded_rows) * sizeof(typename G::Element));
   }
   if (arrays != nullptr) *arrays = g;
   if (experts != nullptr) *experts = r;
   if (dy_t != nullptr) *dy_t = dyt;
   if (x_t != nullptr) *x_t = xt;
-  return offset;
+  return carver.offset;
 }
 
 template <class G>
@@ -272,30 +212,11 @@ struct SetupArgs {
   int32_t E;
 };
 
-// Inclusive prefix sum over the block. Starts and ends with a barrier, so it can be called back to back.
-__device__ __forceinline__ int64_t block_inclusive_scan(int64_t v, int64_t* warp_totals) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
+// block_inclusive_scan (grouped_gemm_sm90_common.cuh) between two barriers, so it can be called back to back on
+// the same warp_totals.
+__device__ __forceinline__ int64_t block_inclusive_scan_fenced(int64_t v, int64_t* warp_totals) {
   __syncthreads();
-#pragma unroll
-  for (int off = 1; off < kWarpSize; off *= 2) {
-    const int64_t n = __shfl_up_sync(0xffffffffu, v, off);
-    if (lane >= off) v += n;
-  }
-  if (lane == kWarpSize - 1) warp_totals[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    constexpr int kWarps = kSetupThreads / kWarpSize;
-    int64_t t = lane < kWarps ? warp_totals[lane] : 0;
-#pragma unroll
-    for (int off = 1; off < kWarpSize; off *= 2) {
-      const int64_t n = __shfl_up_sync(0xffffffffu, t, off);
-      if (lane >= off) t += n;
-    }
-    if (lane < kWarps) warp_totals[lane] = t;
-  }
-  __syncthreads();
-  const int64_t result = warp > 0 ? v + warp_totals[warp - 1] : v;
+  const int64_t result = block_inclusive_scan(v, warp_totals);
   __syncthreads();
   return result;
 }
@@ -321,7 +242,7 @@ __global__ void __launch_bounds__(kSetupThreads) wgrad_setup_kernel(SetupArgs s,
   int64_t mine = 0;
 #pragma unroll 1
   for (int64_t e = first; e < last; ++e) mine += size_of(e);
-  const int64_t row_start = block_inclusive_scan(mine, warp_totals) - mine;
+  const int64_t row_start = block_inclusive_scan_fenced(mine, warp_totals) - mine;
 
   auto clamped_rows = [&](int64_t begin_unclamped, int64_t size) -> int64_t {
     const int64_t begin = begin_unclamped < s.M ? begin_unclamped : s.M;
@@ -334,7 +255,7 @@ __global__ void __launch_bounds__(kSetupThreads) wgrad_setup_kernel(SetupArgs s,
     mine_padded += round_up_pad(clamped_rows(offset, size_of(e)));
     offset += size_of(e);
   }
-  const int64_t pad_start = block_inclusive_scan(mine_padded, warp_totals) - mine_padded;
+  const int64_t pad_start = block_inclusive_scan_fenced(mine_padded, warp_totals) - mine_padded;
   if (threadIdx.x == kSetupThreads - 1) r.pad_begin[s.E] = pad_start + mine_padded;
 
   const Element* a_base = static_cast<const Element*>(s.a_base);
@@ -454,43 +375,6 @@ __global__ void __launch_bounds__(kZeroThreads)
 // Launch.
 // ---------------------------------------------------------------------------------------------------------------
 
-// How many clusters fit on the device at once (0: let CUTLASS use the SM count): a persistent grid larger than that
-// runs some clusters' whole share of tiles after the first wave. Cached per device and kernel.
-template <class G>
-int max_active_clusters(int device) {
-  using Kernel = typename G::Kernel;
-  static std::atomic<int> cache[kMaxCachedDevices] = {};
-  if (device >= 0 && device < kMaxCachedDevices) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  const void* kernel = reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>);
-  const int smem_bytes = static_cast<int>(Kernel::SharedStorageSize);
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess) {
-    cudaGetLastError();  // clear it: fall back to CUTLASS's SM-count heuristic
-    return 0;
-  }
-  cudaLaunchAttribute cluster_attr{};
-  cluster_attr.id = cudaLaunchAttributeClusterDimension;
-  cluster_attr.val.clusterDim.x = cute::size<0>(typename G::ClusterShape{});
-  cluster_attr.val.clusterDim.y = cute::size<1>(typename G::ClusterShape{});
-  cluster_attr.val.clusterDim.z = cute::size<2>(typename G::ClusterShape{});
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(cluster_attr.val.clusterDim.x, cluster_attr.val.clusterDim.y, cluster_attr.val.clusterDim.z);
-  config.blockDim = dim3(Kernel::MaxThreadsPerBlock, 1, 1);
-  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
-  config.attrs = &cluster_attr;
-  config.numAttrs = 1;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  if (clusters > 0 && device >= 0 && device < kMaxCachedDevices)
-    cache[device].store(clusters, std::memory_order_relaxed);
-  return clusters;
-}
-
 template <class G>
 Status run(const GroupedWgradParams& p, int device, int sm_count, cudaStream_t stream) {
   const int64_t padded_rows = grouped_gemm_wgrad_padded_rows(p.M, p.E);
@@ -527,18 +411,8 @@ Status run(const GroupedWgradParams& p, int device, int sm_count, cudaStream_t s
   }
 
   typename G::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-  // No host copy of the shapes (that would need a synchronisation): a persistent grid, device-side tile schedule.
-  args.problem_shape = ProblemShape{p.E, g.shapes, nullptr};
-  args.mainloop.ptr_A = g.a;
-  args.mainloop.dA = g.stride_a;
-  args.mainloop.ptr_B = g.b;
-  args.mainloop.dB = g.stride_b;
+  set_group_arrays<G>(args, p.E, g);  // device-side shapes: a persistent grid, no host synchronisation
   if constexpr (G::kScaled) args.mainloop.mma_promotion_interval = kFp8PromotionInterval;
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = nullptr;
-  args.epilogue.ptr_D = g.d;
-  args.epilogue.dD = g.stride_d;
   if constexpr (G::kScaled) {
     // EVT arguments mirror the tree: op_0 = x-scale row broadcast, op_1 = (dy-scale column broadcast * acc).
     auto& evt = args.epilogue.thread;
@@ -550,19 +424,12 @@ Status run(const GroupedWgradParams& p, int device, int sm_count, cudaStream_t s
     args.epilogue.thread.alpha = ElementAccum(1);
     args.epilogue.thread.beta = ElementAccum(0);
   }
-  args.hw_info.device_id = device;
-  args.hw_info.sm_count = sm_count;
-  args.hw_info.max_active_clusters = max_active_clusters<G>(device);
   // Along M (dw's rows): the CTAs of a wave share the same x^T tile and walk dy^T tiles, and a whole expert's
   // operands (Scout FP8: (N + K) * ~1024 rows = 13 MB) stay in L2 while its tiles run.
-  using RasterOrderOptions = typename G::Kernel::TileScheduler::RasterOrderOptions;
-  args.scheduler.raster_order = RasterOrderOptions::AlongM;
-  args.scheduler.max_swizzle_size = 1;
+  set_persistent_schedule<G>(args, device, sm_count);
 
-  typename G::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return Status::kUnsupported;
-  if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) return Status::kCudaError;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return Status::kCudaError;
+  const Status status = run_cutlass<G>(args, p.workspace, stream);
+  if (status != Status::kOk) return status;
 
   const int64_t vecs_per_expert =
       p.N * p.K * static_cast<int64_t>(sizeof(typename G::ElementOut)) / static_cast<int64_t>(sizeof(uint4));
@@ -575,10 +442,6 @@ using Bf16WgradF32 = GroupedWgrad<Bf16WgradConfig<float>>;
 using Bf16WgradBf16 = GroupedWgrad<Bf16WgradConfig<cutlass::bfloat16_t>>;
 using Fp8WgradF32 = GroupedWgrad<Fp8WgradConfig<float>>;
 using Fp8WgradBf16 = GroupedWgrad<Fp8WgradConfig<cutlass::bfloat16_t>>;
-
-bool is_aligned(const void* ptr, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
-}
 
 // Everything the launcher can check without touching the device. Same rules for sizing and launching.
 Status validate_sizes(int32_t E, int64_t M, int64_t N, int64_t K, GemmInput input, WgradOut out_dtype) {
@@ -626,13 +489,8 @@ Status grouped_gemm_wgrad(const GroupedWgradParams& p, cudaStream_t stream) {
 
   int device = 0;
   int sm_count = 0;
-  int major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-    return Status::kCudaError;
-  if (major != 9) return Status::kUnsupported;  // sm_90a code runs on Hopper only
-  sm_count = sm_count < kWorkspaceSmSlots ? sm_count : kWorkspaceSmSlots;
+  const Status device_status = query_hopper_device(&device, &sm_count);
+  if (device_status != Status::kOk) return device_status;
 
   const bool f32 = p.out_dtype == WgradOut::kFloat32;
   if (!fp8)

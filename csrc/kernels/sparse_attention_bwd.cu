@@ -48,10 +48,13 @@
 
 #include "mma_sm80.cuh"
 #include "sparse_attention_bwd.h"
+#include "sparse_attention_common.cuh"
 #include "sparse_attention_tiles.cuh"
 
 namespace llama4::kernels {
 namespace {
+
+using namespace attention_sm80;  // cp.async, tile loads, sequence decoding, kChunkElems, kSmemPadElems
 
 constexpr int kWarpSize = 32;
 constexpr int kBlockM = 64;       // query rows per tile (dQ: 4 warps of 16 rows; dK/dV: the n of S^T)
@@ -59,11 +62,9 @@ constexpr int kBlockN = 64;       // keys per tile (dK/dV: 4 warps of 16 keys; d
 constexpr int kRowsPerWarp = 16;  // the M of one m16n8k16 MMA
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kMmaK = 16;         // K of one m16n8k16 MMA
-constexpr int kMmaN = 8;          // N of one m16n8k16 MMA
-constexpr int kChunkElems = 8;    // 16 bytes of 2-byte elements: one cp.async / one vector store
-constexpr int kSmemPadElems = 8;  // 16 bytes per row: 8 ldmatrix rows land in 8 bank groups
-constexpr int kStages = 2;        // double buffering of the streamed tiles
+constexpr int kMmaK = 16;   // K of one m16n8k16 MMA
+constexpr int kMmaN = 8;    // N of one m16n8k16 MMA
+constexpr int kStages = 2;  // double buffering of the streamed tiles
 constexpr int kPreprocessThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -99,25 +100,8 @@ struct BwdArgs {
 };
 
 // ---- PTX wrappers ----------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
-}
-
 __device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // ldmatrix on a shared-memory byte address: callers add compile-time offsets to one per-thread base, which
@@ -147,37 +131,7 @@ __device__ __forceinline__ float to_float<__half>(uint16_t bits) {
   return __half2float(__ushort_as_half(bits));
 }
 
-// ---- tile loads and stores -------------------------------------------------------------------
-// Copies rows [0, kRows) of one head (row r at src + r * row_stride) into smem at the padded pitch; rows
-// >= valid_rows become zeros (so that padding rows contribute exact zeros to every MMA). Asynchronous
-// (cp.async) when vec, else plain copies; visible after cp_async_wait + __syncthreads. One pointer per
-// thread walks down the rows: the kernels have no registers to spare next to their accumulators.
-template <int kHeadDim, int kRows>
-__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* src, int64_t row_stride, int64_t valid_rows,
-                                          bool vec) {
-  using S = Shape<kHeadDim>;
-  constexpr int kRowsPerPass = kThreads / S::kChunksPerRow;
-  static_assert(kThreads % S::kChunksPerRow == 0 && kRows % kRowsPerPass == 0, "uniform passes");
-  const int row0 = static_cast<int>(threadIdx.x) / S::kChunksPerRow;
-  const int col = (static_cast<int>(threadIdx.x) % S::kChunksPerRow) * kChunkElems;
-  const uint16_t* from = src + row0 * row_stride + col;
-  const int64_t pass_stride = kRowsPerPass * row_stride;
-#pragma unroll 1
-  for (int r = row0; r < kRows; r += kRowsPerPass, from += pass_stride) {
-    uint16_t* dst = smem + r * S::kPitch + col;
-    if (r < valid_rows) {
-      if (vec) {
-        cp_async_16(dst, from);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kChunkElems; ++e) dst[e] = from[e];
-      }
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-    }
-  }
-}
-
+// ---- tile stores ------------------------------------------------------------------------------
 // Writes rows [0, valid_rows) of a staged [kBlockM][pitch] smem tile to dst (row r at dst + r * row_stride).
 template <int kHeadDim>
 __device__ __forceinline__ void store_tile(uint16_t* dst, int64_t row_stride, const uint16_t* smem, int64_t valid_rows,
@@ -363,19 +317,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_bwd_dkdv_kernel(con
   const int64_t seq = bid / static_cast<uint32_t>(args.num_n_blocks);
 
   int64_t b, q_begin, seqlen_q, k_begin, seqlen_k;
-  if (p.cu_seqlens_q != nullptr) {
-    b = 0;
-    q_begin = p.cu_seqlens_q[seq];
-    seqlen_q = p.cu_seqlens_q[seq + 1] - q_begin;
-    k_begin = p.cu_seqlens_k[seq];
-    seqlen_k = p.cu_seqlens_k[seq + 1] - k_begin;
-  } else {
-    b = seq;
-    q_begin = 0;
-    seqlen_q = p.seqlen_q;
-    k_begin = 0;
-    seqlen_k = p.seqlen_k;
-  }
+  sequence_rows(p, seq, b, q_begin, seqlen_q, k_begin, seqlen_k);
   const int64_t j0 = n_block * kBlockN;
   if (j0 >= seqlen_k) return;  // past this sequence's keys (varlen grids cover the longest one)
   const int64_t key_rows = seqlen_k - j0 < kBlockN ? seqlen_k - j0 : kBlockN;
@@ -418,10 +360,11 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_bwd_dkdv_kernel(con
   auto load_query_tile = [&](int h, int64_t t, int stage) {
     const int64_t r0 = t * kBlockM;
     const int64_t rows = seqlen_q - r0 < kBlockM ? seqlen_q - r0 : kBlockM;
-    load_tile<kHeadDim, kBlockM>(sQ + stage * S::kTileElems, q_seq + r0 * p.q_strides[1] + h * p.q_strides[2],
-                                 p.q_strides[1], rows, args.vec_in);
-    load_tile<kHeadDim, kBlockM>(sdO + stage * S::kTileElems, do_seq + r0 * p.dout_strides[1] + h * p.dout_strides[2],
-                                 p.dout_strides[1], rows, args.vec_in);
+    load_tile<kThreads, kHeadDim, kBlockM>(sQ + stage * S::kTileElems, q_seq + r0 * p.q_strides[1] + h * p.q_strides[2],
+                                           p.q_strides[1], rows, args.vec_in);
+    load_tile<kThreads, kHeadDim, kBlockM>(sdO + stage * S::kTileElems,
+                                           do_seq + r0 * p.dout_strides[1] + h * p.dout_strides[2], p.dout_strides[1],
+                                           rows, args.vec_in);
     const int tid = static_cast<int>(threadIdx.x);
     const int r = tid % kBlockM;
     const bool is_lse = tid < kBlockM;
@@ -443,8 +386,8 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_bwd_dkdv_kernel(con
     }
 
   // Prologue: K, V and the first query tile in one cp.async group.
-  load_tile<kHeadDim, kBlockN>(sK, k, p.k_strides[1], key_rows, args.vec_in);
-  load_tile<kHeadDim, kBlockN>(sV, v, p.v_strides[1], key_rows, args.vec_in);
+  load_tile<kThreads, kHeadDim, kBlockN>(sK, k, p.k_strides[1], key_rows, args.vec_in);
+  load_tile<kThreads, kHeadDim, kBlockN>(sV, v, p.v_strides[1], key_rows, args.vec_in);
   int h = h_begin;
   int64_t tile = next_query_tile(walk, 0);
   if (tile < walk.end) load_query_tile(h, tile, 0);
@@ -562,19 +505,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_bwd_dq_kernel(const
   const int64_t seq = bid / static_cast<uint32_t>(args.num_m_blocks);
 
   int64_t b, q_begin, seqlen_q, k_begin, seqlen_k;
-  if (p.cu_seqlens_q != nullptr) {
-    b = 0;
-    q_begin = p.cu_seqlens_q[seq];
-    seqlen_q = p.cu_seqlens_q[seq + 1] - q_begin;
-    k_begin = p.cu_seqlens_k[seq];
-    seqlen_k = p.cu_seqlens_k[seq + 1] - k_begin;
-  } else {
-    b = seq;
-    q_begin = 0;
-    seqlen_q = p.seqlen_q;
-    k_begin = 0;
-    seqlen_k = p.seqlen_k;
-  }
+  sequence_rows(p, seq, b, q_begin, seqlen_q, k_begin, seqlen_k);
   const int64_t m0 = m_block * kBlockM;
   if (m0 >= seqlen_q) return;
   const int64_t rows = seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM;
@@ -619,13 +550,13 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_bwd_dq_kernel(const
     for (int c = 0; c < 4; ++c) acc_dq[d][c] = 0.0f;
 
   // Prologue: Q, dO and the first visible K / V tile in one cp.async group.
-  load_tile<kHeadDim, kBlockM>(sQ, q, p.q_strides[1], rows, args.vec_in);
-  load_tile<kHeadDim, kBlockM>(sdO, dout, p.dout_strides[1], rows, args.vec_in);
+  load_tile<kThreads, kHeadDim, kBlockM>(sQ, q, p.q_strides[1], rows, args.vec_in);
+  load_tile<kThreads, kHeadDim, kBlockM>(sdO, dout, p.dout_strides[1], rows, args.vec_in);
   int64_t tile = next_key_tile(walk, 0);
   if (tile < walk.end) {
     const int64_t j0 = tile * kBlockN;
-    load_tile<kHeadDim, kBlockN>(sK, k + j0 * p.k_strides[1], p.k_strides[1], seqlen_k - j0, args.vec_in);
-    load_tile<kHeadDim, kBlockN>(sV, v + j0 * p.v_strides[1], p.v_strides[1], seqlen_k - j0, args.vec_in);
+    load_tile<kThreads, kHeadDim, kBlockN>(sK, k + j0 * p.k_strides[1], p.k_strides[1], seqlen_k - j0, args.vec_in);
+    load_tile<kThreads, kHeadDim, kBlockN>(sV, v + j0 * p.v_strides[1], p.v_strides[1], seqlen_k - j0, args.vec_in);
   }
   cp_async_commit();
 
@@ -634,10 +565,10 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_bwd_dq_kernel(const
     __syncthreads();  // every warp is done with buffer stage ^ 1
     if (next < walk.end) {
       const int64_t j0 = next * kBlockN;
-      load_tile<kHeadDim, kBlockN>(sK + (stage ^ 1) * S::kTileElems, k + j0 * p.k_strides[1], p.k_strides[1],
-                                   seqlen_k - j0, args.vec_in);
-      load_tile<kHeadDim, kBlockN>(sV + (stage ^ 1) * S::kTileElems, v + j0 * p.v_strides[1], p.v_strides[1],
-                                   seqlen_k - j0, args.vec_in);
+      load_tile<kThreads, kHeadDim, kBlockN>(sK + (stage ^ 1) * S::kTileElems, k + j0 * p.k_strides[1], p.k_strides[1],
+                                             seqlen_k - j0, args.vec_in);
+      load_tile<kThreads, kHeadDim, kBlockN>(sV + (stage ^ 1) * S::kTileElems, v + j0 * p.v_strides[1], p.v_strides[1],
+                                             seqlen_k - j0, args.vec_in);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -692,15 +623,6 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_bwd_dq_kernel(const
 }
 
 // ---- host side -------------------------------------------------------------------------------
-bool aligned16(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
-bool rows_aligned16(const void* ptr, const int64_t (&strides)[3]) {
-  return aligned16(ptr) && strides[0] % kChunkElems == 0 && strides[1] % kChunkElems == 0 &&
-         strides[2] % kChunkElems == 0;
-}
-
 template <typename Kernel>
 Status launch_kernel(Kernel kernel, int64_t num_blocks, int threads, size_t smem, const BwdArgs& args,
                      cudaStream_t stream) {

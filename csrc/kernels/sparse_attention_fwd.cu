@@ -47,10 +47,13 @@
 
 #include "mma_sm80.cuh"
 #include "sparse_attention.h"
+#include "sparse_attention_common.cuh"
 #include "sparse_attention_tiles.cuh"
 
 namespace llama4::kernels {
 namespace {
+
+using namespace attention_sm80;  // cp.async, tile loads, sequence decoding, kChunkElems, kSmemPadElems
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -59,12 +62,10 @@ constexpr int kBlockN = 64;       // keys per tile: 8 n8 MMA tiles of S per warp
 constexpr int kRowsPerWarp = 16;  // the M of one m16n8k16 MMA
 constexpr int kWarps = kBlockM / kRowsPerWarp;
 constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kMmaK = 16;         // K of one m16n8k16 MMA
-constexpr int kMmaN = 8;          // N of one m16n8k16 MMA
-constexpr int kChunkElems = 8;    // 16 bytes of 2-byte elements: one cp.async / one vector store
-constexpr int kSmemPadElems = 8;  // 16 bytes per row: 8 ldmatrix rows land in 8 bank groups
-constexpr int kStages = 2;        // K/V buffers: load tile n+1 while computing tile n
-constexpr int kKVTensors = 2;     // K and V
+constexpr int kMmaK = 16;      // K of one m16n8k16 MMA
+constexpr int kMmaN = 8;       // N of one m16n8k16 MMA
+constexpr int kStages = 2;     // K/V buffers: load tile n+1 while computing tile n
+constexpr int kKVTensors = 2;  // K and V
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -92,23 +93,6 @@ struct FwdArgs {
 };
 
 // ---- PTX wrappers ----------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -122,39 +106,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 }
 
 using mma_sm80::MmaOps;  // the element type's MMA and its fp32 -> 2 x 16-bit packing
-
-// ---- tile loads ------------------------------------------------------------------------------
-// Copies rows [0, kRows) of one head (row r at src + r * row_stride) into smem at the padded
-// pitch; rows >= valid_rows become zeros. Asynchronous (cp.async) when vec, else plain copies;
-// either way the data is visible after cp_async_wait + __syncthreads. Each thread owns one
-// 16-byte column chunk and walks down the rows with one pointer: fully unrolled address
-// arithmetic would keep a 64-bit address per row live across the key loop, and the kernel has
-// no registers to spare next to the hd-128 accumulators.
-template <int kHeadDim, int kRows>
-__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* src, int64_t row_stride, int64_t valid_rows,
-                                          bool vec) {
-  using S = Shape<kHeadDim>;
-  constexpr int kRowsPerPass = kThreads / S::kChunksPerRow;
-  static_assert(kThreads % S::kChunksPerRow == 0 && kRows % kRowsPerPass == 0, "uniform passes");
-  const int row0 = static_cast<int>(threadIdx.x) / S::kChunksPerRow;
-  const int col = (static_cast<int>(threadIdx.x) % S::kChunksPerRow) * kChunkElems;
-  const uint16_t* from = src + row0 * row_stride + col;
-  const int64_t pass_stride = kRowsPerPass * row_stride;
-#pragma unroll 1
-  for (int r = row0; r < kRows; r += kRowsPerPass, from += pass_stride) {
-    uint16_t* dst = smem + r * S::kPitch + col;
-    if (r < valid_rows) {
-      if (vec) {
-        cp_async_16(dst, from);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kChunkElems; ++e) dst[e] = from[e];
-      }
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-    }
-  }
-}
 
 // ---- the kernel ------------------------------------------------------------------------------
 template <typename Element, int kHeadDim>
@@ -176,19 +127,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_fwd_kernel(const Fw
   const int64_t seq = bid / args.num_m_blocks;
 
   int64_t b, q_begin, seqlen_q, k_begin, seqlen_k;  // q_begin / k_begin: first row of the sequence
-  if (p.cu_seqlens_q != nullptr) {
-    b = 0;
-    q_begin = p.cu_seqlens_q[seq];
-    seqlen_q = p.cu_seqlens_q[seq + 1] - q_begin;
-    k_begin = p.cu_seqlens_k[seq];
-    seqlen_k = p.cu_seqlens_k[seq + 1] - k_begin;
-  } else {
-    b = seq;
-    q_begin = 0;
-    seqlen_q = p.seqlen_q;
-    k_begin = 0;
-    seqlen_k = p.seqlen_k;
-  }
+  sequence_rows(p, seq, b, q_begin, seqlen_q, k_begin, seqlen_k);
   const int64_t m0 = m_block * kBlockM;
   if (m0 >= seqlen_q) return;  // past this sequence's queries (varlen grids cover the longest one)
   const int64_t rows = seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM;
@@ -224,12 +163,12 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_fwd_kernel(const Fw
   float row_sum[2] = {0.0f, 0.0f};            // this thread's partial sums (its 2 columns per n8 tile)
 
   // Prologue: Q and the first visible K/V tile in one cp.async group.
-  load_tile<kHeadDim, kBlockM>(sQ, q, p.q_strides[1], rows, args.vec_in);
+  load_tile<kThreads, kHeadDim, kBlockM>(sQ, q, p.q_strides[1], rows, args.vec_in);
   int64_t tile = next_key_tile(walk, 0);
   if (tile < walk.end) {
     const int64_t j0 = tile * kBlockN;
-    load_tile<kHeadDim, kBlockN>(sK, k + j0 * p.k_strides[1], p.k_strides[1], seqlen_k - j0, args.vec_in);
-    load_tile<kHeadDim, kBlockN>(sV, v + j0 * p.v_strides[1], p.v_strides[1], seqlen_k - j0, args.vec_in);
+    load_tile<kThreads, kHeadDim, kBlockN>(sK, k + j0 * p.k_strides[1], p.k_strides[1], seqlen_k - j0, args.vec_in);
+    load_tile<kThreads, kHeadDim, kBlockN>(sV, v + j0 * p.v_strides[1], p.v_strides[1], seqlen_k - j0, args.vec_in);
   }
   cp_async_commit();
 
@@ -238,10 +177,10 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_fwd_kernel(const Fw
     __syncthreads();  // every warp is done with buffer stage ^ 1 (read in the previous iteration)
     if (next < walk.end) {
       const int64_t j0 = next * kBlockN;
-      load_tile<kHeadDim, kBlockN>(sK + (stage ^ 1) * S::kKVTileElems, k + j0 * p.k_strides[1], p.k_strides[1],
-                                   seqlen_k - j0, args.vec_in);
-      load_tile<kHeadDim, kBlockN>(sV + (stage ^ 1) * S::kKVTileElems, v + j0 * p.v_strides[1], p.v_strides[1],
-                                   seqlen_k - j0, args.vec_in);
+      load_tile<kThreads, kHeadDim, kBlockN>(sK + (stage ^ 1) * S::kKVTileElems, k + j0 * p.k_strides[1],
+                                             p.k_strides[1], seqlen_k - j0, args.vec_in);
+      load_tile<kThreads, kHeadDim, kBlockN>(sV + (stage ^ 1) * S::kKVTileElems, v + j0 * p.v_strides[1],
+                                             p.v_strides[1], seqlen_k - j0, args.vec_in);
     }
     cp_async_commit();  // possibly empty: keeps "all but the newest group" meaning "this tile"
     cp_async_wait<1>();
@@ -386,15 +325,6 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_fwd_kernel(const Fw
 }
 
 // ---- host side -------------------------------------------------------------------------------
-bool aligned16(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
-bool rows_aligned16(const void* ptr, const int64_t (&strides)[3]) {
-  return aligned16(ptr) && strides[0] % kChunkElems == 0 && strides[1] % kChunkElems == 0 &&
-         strides[2] % kChunkElems == 0;
-}
-
 template <typename Element, int kHeadDim>
 Status launch(const FwdArgs& args, int64_t num_blocks, cudaStream_t stream) {
   const auto kernel = sparse_attention_fwd_kernel<Element, kHeadDim>;

@@ -115,6 +115,14 @@ def _check_float(op: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{op}: {name} must be one of {names} {where}, got {t.dtype}")
 
 
+def _check_like(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """t must have ref's dtype and sit on ref's device (the ops never cast or move an input)."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype) * weight: Llama 4's RMSNorm, differentiable in x
     and weight.
@@ -132,10 +140,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.dim() != 1 or weight.shape[0] != D:
         raise ValueError(f"{op}: weight must be [D={D}] (x's last dim), got shape {tuple(weight.shape)}")
     _check_float(op, "x", x)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"{op}: weight must be on x's device {x.device}, got {weight.device}")
+    _check_like(op, "weight", weight, "x", x)
     if not eps > 0:
         raise ValueError(f"{op}: eps must be > 0, got {eps}")
     if x.is_cuda and D > RMS_NORM_MAX_D:
@@ -308,10 +313,7 @@ def rope_qk_norm(
     if Dh == 0 or Dh % 2:
         raise ValueError(f"{op}: Dh (q_BSHD's last dim) must be even and >= 2 (rotary pairs), got {Dh}")
     _check_float(op, "q_BSHD", q_BSHD)
-    if k_BSGD.dtype != q_BSHD.dtype:
-        raise TypeError(f"{op}: k_BSGD must have q_BSHD's dtype {q_BSHD.dtype}, got {k_BSGD.dtype}")
-    if k_BSGD.device != q_BSHD.device:
-        raise ValueError(f"{op}: k_BSGD must be on q_BSHD's device {q_BSHD.device}, got {k_BSGD.device}")
+    _check_like(op, "k_BSGD", k_BSGD, "q_BSHD", q_BSHD)
     if (cos_SR is None) != (sin_SR is None):
         raise ValueError(f"{op}: cos_SR and sin_SR must both be given (RoPE) or both be None (no rotation)")
     table_dtypes = (torch.float32, torch.float64) if q_BSHD.dtype == torch.float64 else (torch.float32,)

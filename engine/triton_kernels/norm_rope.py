@@ -125,6 +125,24 @@ def _head_tile(b, s, h0, n_heads, stride_b, stride_s, stride_h, Dh, BLOCK_H: tl.
 
 
 @triton.jit
+def _load_cos_sin(cos_ptr, sin_ptr, s, R, BLOCK_R: tl.constexpr):
+    """cos, sin [1, BLOCK_R] float32 of position s (pairs past R read as 0)."""
+    pairs = tl.arange(0, BLOCK_R)
+    cs_offs = s.to(tl.int64) * R + pairs
+    cos = tl.load(cos_ptr + cs_offs, mask=pairs < R, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + cs_offs, mask=pairs < R, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _rotate_rounded(re, im, cos, sin, dtype_ptr):
+    """The forward rotation (re + i im) * (cos + i sin) in float32, rounded to dtype_ptr's element type."""
+    dtype = dtype_ptr.dtype.element_ty
+    re, im = re * cos - im * sin, re * sin + im * cos
+    return re.to(dtype).to(tl.float32), im.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rope_norm_fwd_tile(
     x_ptr,
     out_ptr,
@@ -153,12 +171,8 @@ def _rope_norm_fwd_tile(
     re, im = _load_pairs(x_ptr, x_offs, x_mask, BLOCK_H, BLOCK_R)
     dtype = out_ptr.dtype.element_ty
     if HAS_ROPE:
-        pairs = tl.arange(0, BLOCK_R)
-        cs_offs = s.to(tl.int64) * R + pairs
-        cos = tl.load(cos_ptr + cs_offs, mask=pairs < R, other=0.0)[None, :]
-        sin = tl.load(sin_ptr + cs_offs, mask=pairs < R, other=0.0)[None, :]
-        re, im = re * cos - im * sin, re * sin + im * cos
-        re, im = re.to(dtype).to(tl.float32), im.to(dtype).to(tl.float32)
+        cos, sin = _load_cos_sin(cos_ptr, sin_ptr, s, R, BLOCK_R)
+        re, im = _rotate_rounded(re, im, cos, sin, out_ptr)
     if QK_NORM:
         mean_sq = tl.sum(re * re + im * im, axis=1) / (2 * R)
         rstd = tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))[:, None]
@@ -258,18 +272,13 @@ def _rope_norm_bwd_tile(
     if HAS_SCALE:
         scale = tl.load(scale_ptr + s)
         g_re, g_im = g_re * scale, g_im * scale
-    pairs = tl.arange(0, BLOCK_R)
-    cs_offs = s.to(tl.int64) * R + pairs
     if HAS_ROPE:
-        cos = tl.load(cos_ptr + cs_offs, mask=pairs < R, other=0.0)[None, :]
-        sin = tl.load(sin_ptr + cs_offs, mask=pairs < R, other=0.0)[None, :]
+        cos, sin = _load_cos_sin(cos_ptr, sin_ptr, s, R, BLOCK_R)
     if QK_NORM:
         x_offs, x_mask = _head_tile(b, s, h0, n_heads, stride_x_b, stride_x_s, stride_x_h, 2 * R, BLOCK_H, BLOCK_R)
         re, im = _load_pairs(x_ptr, x_offs, x_mask, BLOCK_H, BLOCK_R)
         if HAS_ROPE:
-            dtype = x_ptr.dtype.element_ty
-            re, im = re * cos - im * sin, re * sin + im * cos
-            re, im = re.to(dtype).to(tl.float32), im.to(dtype).to(tl.float32)
+            re, im = _rotate_rounded(re, im, cos, sin, x_ptr)
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(re * re + im * im, axis=1) / (2 * R) + eps))[:, None]
         re, im = re * rstd, im * rstd
         dot = (tl.sum(g_re * re + g_im * im, axis=1) / (2 * R))[:, None]
@@ -397,6 +406,37 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _rope_launch(
+    q_BSHD: torch.Tensor,
+    k_BSGD: torch.Tensor,
+    cos_SR: torch.Tensor | None,
+    sin_SR: torch.Tensor | None,
+    q_scale_S: torch.Tensor | None,
+    qk_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple, dict]:
+    """What the forward and backward RoPE launches share (one grid, one tiling): (empty [B, S, H, Dh] and
+    [B, S, G, Dh] outputs in the inputs' dtype, the grid (B * S tokens first: 0 means nothing to launch),
+    the kernel arguments (cos, sin, q_scale, S, H, G, R), an absent table passed as a pointer never read,
+    and the constexpr / launch keywords)."""
+    B, S, H, Dh = q_BSHD.shape
+    G = k_BSGD.shape[2]
+    q_like = torch.empty((B, S, H, Dh), dtype=q_BSHD.dtype, device=q_BSHD.device)
+    k_like = torch.empty((B, S, G, Dh), dtype=k_BSGD.dtype, device=k_BSGD.device)
+    block_h, block_r = _rope_blocks(Dh, max(H, G))
+    has_rope = cos_SR is not None
+    dummy = q_scale_S if q_scale_S is not None else cos_SR if has_rope else q_BSHD  # never read
+    grid = (B * S, triton.cdiv(H, block_h) + triton.cdiv(G, block_h))
+    tables_and_dims = (
+        cos_SR if has_rope else dummy, sin_SR if has_rope else dummy,
+        q_scale_S if q_scale_S is not None else dummy, S, H, G, Dh // 2,
+    )  # fmt: skip
+    meta = dict(
+        HAS_ROPE=has_rope, QK_NORM=qk_norm, HAS_SCALE=q_scale_S is not None,
+        BLOCK_H=block_h, BLOCK_R=block_r, num_warps=ROPE_NUM_WARPS,
+    )  # fmt: skip
+    return q_like, k_like, grid, tables_and_dims, meta
+
+
 def rope_qk_norm_fwd(
     q_BSHD: torch.Tensor,
     k_BSGD: torch.Tensor,
@@ -407,22 +447,12 @@ def rope_qk_norm_fwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_out [B, S, H, Dh], k_out [B, S, G, Dh]), contiguous, in the inputs' dtype."""
-    B, S, H, Dh = q_BSHD.shape
-    G = k_BSGD.shape[2]
-    q_out = torch.empty((B, S, H, Dh), dtype=q_BSHD.dtype, device=q_BSHD.device)
-    k_out = torch.empty((B, S, G, Dh), dtype=k_BSGD.dtype, device=k_BSGD.device)
-    if B * S == 0:
+    q_out, k_out, grid, tables_and_dims, meta = _rope_launch(q_BSHD, k_BSGD, cos_SR, sin_SR, q_scale_S, qk_norm)
+    if grid[0] == 0:
         return q_out, k_out
-    block_h, block_r = _rope_blocks(Dh, max(H, G))
-    has_rope = cos_SR is not None
-    dummy = q_scale_S if q_scale_S is not None else cos_SR if has_rope else q_BSHD  # never read
-    grid = (B * S, triton.cdiv(H, block_h) + triton.cdiv(G, block_h))
     rope_qk_norm_fwd_kernel[grid](
-        q_BSHD, k_BSGD, q_out, k_out, cos_SR if has_rope else dummy, sin_SR if has_rope else dummy,
-        q_scale_S if q_scale_S is not None else dummy, S, H, G, Dh // 2,
-        *_strides3(q_BSHD), *_strides3(k_BSGD), *_strides3(q_out), *_strides3(k_out), eps,
-        HAS_ROPE=has_rope, QK_NORM=qk_norm, HAS_SCALE=q_scale_S is not None,
-        BLOCK_H=block_h, BLOCK_R=block_r, num_warps=ROPE_NUM_WARPS,
+        q_BSHD, k_BSGD, q_out, k_out, *tables_and_dims,
+        *_strides3(q_BSHD), *_strides3(k_BSGD), *_strides3(q_out), *_strides3(k_out), eps, **meta,
     )  # fmt: skip
     return q_out, k_out
 
@@ -439,22 +469,12 @@ def rope_qk_norm_bwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq [B, S, H, Dh], dk [B, S, G, Dh]) in the inputs' dtype, from the outputs' gradients."""
-    B, S, H, Dh = q_BSHD.shape
-    G = k_BSGD.shape[2]
-    dq = torch.empty((B, S, H, Dh), dtype=q_BSHD.dtype, device=q_BSHD.device)
-    dk = torch.empty((B, S, G, Dh), dtype=k_BSGD.dtype, device=k_BSGD.device)
-    if B * S == 0:
+    dq, dk, grid, tables_and_dims, meta = _rope_launch(q_BSHD, k_BSGD, cos_SR, sin_SR, q_scale_S, qk_norm)
+    if grid[0] == 0:
         return dq, dk
-    block_h, block_r = _rope_blocks(Dh, max(H, G))
-    has_rope = cos_SR is not None
-    dummy = q_scale_S if q_scale_S is not None else cos_SR if has_rope else q_BSHD  # never read
-    grid = (B * S, triton.cdiv(H, block_h) + triton.cdiv(G, block_h))
     rope_qk_norm_bwd_kernel[grid](
-        q_BSHD, k_BSGD, dq_out, dk_out, dq, dk, cos_SR if has_rope else dummy, sin_SR if has_rope else dummy,
-        q_scale_S if q_scale_S is not None else dummy, S, H, G, Dh // 2,
+        q_BSHD, k_BSGD, dq_out, dk_out, dq, dk, *tables_and_dims,
         *_strides3(q_BSHD), *_strides3(k_BSGD), *_strides3(dq_out), *_strides3(dk_out),
-        *_strides3(dq), *_strides3(dk), eps,
-        HAS_ROPE=has_rope, QK_NORM=qk_norm, HAS_SCALE=q_scale_S is not None,
-        BLOCK_H=block_h, BLOCK_R=block_r, num_warps=ROPE_NUM_WARPS,
+        *_strides3(dq), *_strides3(dk), eps, **meta,
     )  # fmt: skip
     return dq, dk
