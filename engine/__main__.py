@@ -33,7 +33,6 @@ DEMO_SAMPLE_TOKENS = 240
 # The GPU part of the demo: one training step of a 2-layer full-width Scout (D = 5120, 16 experts).
 GPU_DEMO_LAYERS, GPU_DEMO_SEQ = 2, 4096
 PROGRESS_WIDTH = 30
-CUDA_MIN_HEAD_DIM = 64
 
 
 def _device(requested: str | None = None) -> str:
@@ -161,8 +160,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    # The CUDA attention kernels take head_dim 64 or 128; the debug preset's 16 runs on the CPU kernels only.
-    config, tok = _byte_config("scout-debug", **({"head_dim": CUDA_MIN_HEAD_DIM} if device == "cuda" else {}))
+    # The debug preset's head_dim is 64 already, the smallest the CUDA attention kernels take.
+    config, tok = _byte_config("scout-debug")
     root = _repo_root()
     files = repo_text_files(root)
     stream = TokenStream(_text_tokens(files, tok), seed=args.seed)

@@ -54,6 +54,8 @@ HF_EXPERT_NAMES = {
     "gate_up_scale_EN": "gate_up_proj_scale",
     "down_scale_EN": "down_proj_scale",
 }
+# Our expert tensors (module path, name): FP8 scales included.
+_OURS_EXPERT = re.compile(r"^(.*)\.(" + "|".join(HF_EXPERT_NAMES) + r")$")
 _FUSED = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_proj)(_scale)?$")
 _PER_EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -129,7 +131,7 @@ class _Plan:
         for name, tensor in self.state.items():
             if name.endswith(".expert_bias"):
                 continue  # ours, optional (zero when absent)
-            m = re.match(r"^(layers\.\d+\.feed_forward)\.(gate_up_ENK|down_EDF|gate_up_scale_EN|down_scale_EN)$", name)
+            m = _OURS_EXPERT.match(name)
             if m:
                 for e in range(tensor.shape[0]):
                     for part in ("gate", "up") if "gate_up" in m[2] else ("down",):
@@ -157,7 +159,7 @@ class _Plan:
             self._add_fused(key, file, shape, dtype, m_fused)
         elif m_one:
             self._add_per_expert(key, file, shape, dtype, m_one)
-        elif local in self.state and not re.search(r"\.(gate_up_ENK|down_EDF|gate_up_scale_EN|down_scale_EN)$", local):
+        elif local in self.state and not _OURS_EXPERT.match(local):
             target = self.state[local]
             pieces = [] if local.endswith(".expert_bias") else [(local,)]
             if self._expect(key, shape, dtype, tuple(target.shape), pieces):
@@ -262,6 +264,8 @@ class _Plan:
     def missing(self, prefixes) -> list[str]:
         """Checkpoint names of the pieces no key provides (a wholly missing expert tensor once)."""
         out, seen = [], set()
+        # Expert tensors of which some piece is provided (or rejected): only their absent pieces are listed.
+        partly_given = {p[0] for p in (*self.covered, *self.rejected) if len(p) == 3}
         for piece, local in self.required.items():
             if piece in self.covered or piece in self.rejected:
                 continue
@@ -269,8 +273,7 @@ class _Plan:
                 out.append(_checkpoint_name(local, prefixes))
                 continue
             name, e, part = piece
-            whole = [p for p in self.required if p[0] == name]
-            if all(p not in self.covered and p not in self.rejected for p in whole):
+            if name not in partly_given:
                 if name not in seen:
                     seen.add(name)
                     hint = "" if "scale" in name else " (or per expert experts.{e}.*_proj.weight)"
@@ -406,7 +409,7 @@ def _hf_tensors(model: Llama4ForCausalLM) -> list[tuple[str, Callable[[], torch.
                 continue  # untrained balancing bias: not part of the Hugging Face format
             out.append((hf, lambda t=tensor: t.detach().cpu(), tensor.nbytes))
             continue
-        m = re.match(r"^(.*)\.(gate_up_ENK|down_EDF|gate_up_scale_EN|down_scale_EN)$", hf)
+        m = _OURS_EXPERT.match(hf)
         if not m:
             out.append((hf, lambda t=tensor: t.detach().cpu(), tensor.nbytes))
         elif m[2] in ("gate_up_ENK", "down_EDF"):

@@ -70,7 +70,7 @@ def generate(
     """Prompt + up to max_new_tokens tokens, int64 [B, S + N] (N <= max_new_tokens).
 
     input_ids_BS: int64 [B, S], S >= 1, equal-length prompts. A sequence that emits a stop token keeps it
-    and is filled with pad_token_id (default: the stop token) afterwards; generation ends when every
+    and is filled with pad_token_id (default: the smallest stop token, else 0) afterwards; generation ends when every
     sequence has stopped (one host check per step) or after max_new_tokens. The cache holds S +
     max_new_tokens positions in the model's dtype (or FP8 with fp8_cache). generator: the sampling RNG
     (on the model's device).
@@ -84,9 +84,10 @@ def generate(
     B, S = input_ids_BS.shape
     param = next(model.parameters())
     device = param.device
-    stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)), dtype=torch.long, device=device)
+    stop_ids = sorted({int(t) for t in stop_tokens})
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     if pad_token_id is None:
-        pad_token_id = int(stop[0]) if stop.numel() else 0
+        pad_token_id = stop_ids[0] if stop_ids else 0  # from the host list: no read back from the device
     cache = model.new_cache(B, S + max_new_tokens, dtype=param.dtype, device=device, fp8=fp8_cache)
     ids_BS = input_ids_BS.to(device=device, dtype=torch.long)
     out = [ids_BS]

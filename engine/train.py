@@ -304,8 +304,9 @@ class Trainer:
     """Drives training of a Llama4ForCausalLM from Python (`train_step`) or the CLI.
 
     The optimizer is AdamW8bit over all trainable parameters (weight decay on matrices only). Each step
-    synchronises with the host once (the loss, the gradient norm and the expert loads come back
-    together): the skip decision of dynamic loss scaling needs it.
+    reads back from the device once (the loss, the gradient norm and the clip factor come back
+    together): the skip decision of dynamic loss scaling needs it. On CUDA it also waits for the
+    optimizer at the end, so that StepStats.seconds covers the whole step.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None) -> None:

@@ -17,8 +17,7 @@ from engine.kv_cache import LayerKVCache
 from engine.model.config import Llama4Config
 from engine.moe import MoE, SwiGLU
 from engine.ops import RouteResult
-
-FP8_DTYPE = torch.float8_e4m3fn
+from engine.ops.fp8_training import FP8_E4M3
 
 
 class RMSNorm(nn.Module):
@@ -152,9 +151,9 @@ class FP8ExpertsMoE(MoE):
         del self.gate_up_ENK, self.down_EDF
         self.precision = "fp8"
         E, F, D = n_experts, d_ff, d_model
-        self.register_buffer("gate_up_ENK", torch.zeros(E, 2 * F, D, dtype=FP8_DTYPE, device=device))
+        self.register_buffer("gate_up_ENK", torch.zeros(E, 2 * F, D, dtype=FP8_E4M3, device=device))
         self.register_buffer("gate_up_scale_EN", torch.ones(E, 2 * F, dtype=torch.float32, device=device))
-        self.register_buffer("down_EDF", torch.zeros(E, D, F, dtype=FP8_DTYPE, device=device))
+        self.register_buffer("down_EDF", torch.zeros(E, D, F, dtype=FP8_E4M3, device=device))
         self.register_buffer("down_scale_EN", torch.ones(E, D, dtype=torch.float32, device=device))
 
     def reset_parameters(self) -> None:

@@ -160,33 +160,22 @@ class Fp8WeightCache:
 # --------------------------------------------------------------------------------------------
 # Per-(expert, channel) quantisation for wgrad, and the grouped weight gradient.
 # --------------------------------------------------------------------------------------------
-def _wgrad_reference_loop(dy_MN: torch.Tensor, x_MK: torch.Tensor, group_sizes_E: torch.Tensor) -> torch.Tensor:
-    """float64 (the gradcheck path, CPU): one matmul per expert, group sizes read on the host."""
-    E = group_sizes_E.shape[0]
-    dw_ENK = torch.zeros(E, dy_MN.shape[1], x_MK.shape[1], dtype=torch.float64, device=dy_MN.device)
-    start = 0
-    for e, rows in enumerate(group_sizes_E.tolist()):
-        if rows:
-            dw_ENK[e] = dy_MN[start : start + rows].t() @ x_MK[start : start + rows]
-        start += rows
-    return dw_ENK
-
-
 WGRAD_CUDA_ALIGN = 8  # BF16 elements per 16-byte TMA row
 
 
 def grouped_wgrad(dy_MN: torch.Tensor, x_MK: torch.Tensor, group_sizes_E: torch.Tensor) -> torch.Tensor:
     """dW_ENK[e] = dy[rows of e]^T @ x[rows of e], float32 (float64 for float64 inputs): the
     grouped_gemm_wgrad kernel (K-grouped GEMM, group sizes stay on the device, deterministic, an
-    expert with no rows gets exactly zero). float64 runs a per-expert loop (the gradcheck path)."""
+    expert with no rows gets exactly zero). float64 runs reference.grouped_gemm_wgrad (the gradcheck path)."""
     if dy_MN.dtype == torch.float64:
-        return _wgrad_reference_loop(dy_MN, x_MK, group_sizes_E)
+        return reference.grouped_gemm_wgrad(dy_MN, x_MK, group_sizes_E)
     if dy_MN.is_cuda and (dy_MN.shape[1] % WGRAD_CUDA_ALIGN or x_MK.shape[1] % WGRAD_CUDA_ALIGN):
-        # The kernel's TMA rows need 16 bytes (8 BF16 elements); other widths take the per-expert loop.
+        # The kernel's TMA rows need 16 bytes (8 BF16 elements); other widths take the per-expert loop of the
+        # reference (float64 maths, so the BF16 operands are not rounded through a BF16 matmul output).
         _log_once(
             "wgrad_align", f"grouped_wgrad: N, K not multiples of {WGRAD_CUDA_ALIGN}: per-expert loop (host sync)"
         )
-        return _wgrad_reference_loop(dy_MN, x_MK, group_sizes_E)
+        return reference.grouped_gemm_wgrad(dy_MN, x_MK, group_sizes_E).float()
     return grouped_gemm_wgrad(dy_MN.contiguous(), x_MK.contiguous(), group_sizes_E, out_dtype=torch.float32)
 
 

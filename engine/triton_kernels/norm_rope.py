@@ -383,10 +383,10 @@ def rms_norm_bwd(
     """(dx [T, D] in x's dtype, dw [D] in w's dtype); dw summed over P float32 partials in a fixed order."""
     T, D = x_TD.shape
     dx_TD = torch.empty((T, D), dtype=x_TD.dtype, device=x_TD.device)
-    programs = rms_norm_bwd_programs(T, x_TD.device)
-    dw_partial_PD = torch.empty((programs, D), dtype=torch.float32, device=x_TD.device)
     if T == 0:
         return dx_TD, torch.zeros_like(w_D)
+    programs = rms_norm_bwd_programs(T, x_TD.device)
+    dw_partial_PD = torch.empty((programs, D), dtype=torch.float32, device=x_TD.device)
     block_d = triton.next_power_of_2(D)
     rows_per_program = triton.cdiv(T, programs)
     rms_norm_bwd_kernel[(programs,)](
