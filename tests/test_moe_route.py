@@ -6,11 +6,10 @@ autograd, opcheck, torch.compile and determinism. Legend: T tokens, E experts, K
 from __future__ import annotations
 
 import contextlib
-import resource
-import sys
 
 import pytest
 import torch
+from memory_caps import host_allocation_cap
 from tolerances import ROUTER_WEIGHTS_TOL, assert_grad_close
 
 from bench.shapes import ROUTE_TEST, RouteShape
@@ -261,24 +260,6 @@ def test_infinite_logits(score_func, renormalize, device, gen):
 # --------------------------------------------------------------------------------------------
 # Sizes that would overflow the int32 outputs.
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def host_allocation_cap(extra_bytes: int):
-    """Caps this process's address space at its current size + extra_bytes (Linux), so an op that
-    skipped its size check fails to allocate instead of filling the machine's memory."""
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    with open("/proc/self/status") as status:
-        vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = vm_kb * 1024 + extra_bytes
-    if hard != resource.RLIM_INFINITY:
-        cap = min(cap, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def test_too_many_slots_rejected_before_work(device):

@@ -13,13 +13,11 @@ the same rule (against the naive dtype lse) for half inputs.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import resource
-import sys
 
 import pytest
 import torch
+from memory_caps import host_allocation_cap
 from tolerances import ATTENTION_LSE_TOL_FP32, assert_sparse_attention_close, sparse_attention_tolerance
 
 from bench.shapes import ATTENTION_TEST, ATTENTION_TEST_CUDA, AttentionShape
@@ -570,26 +568,6 @@ def test_reference_rows_matches_full_reference(pattern, gen):
     torch.testing.assert_close(ref_out, full_out[:, rows])
     torch.testing.assert_close(ref_lse, full_lse[:, :, rows])
     assert naive_out.shape == ref_out.shape
-
-
-@contextlib.contextmanager
-def host_allocation_cap(extra_bytes: int):
-    """Caps this process's address space at its current size + extra_bytes (Linux), so an op that builds an
-    S x S tensor fails to allocate instead of filling the machine's memory."""
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    with open("/proc/self/status") as status:
-        vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = vm_kb * 1024 + extra_bytes
-    if hard != resource.RLIM_INFINITY:
-        cap = min(cap, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 @pytest.mark.slow

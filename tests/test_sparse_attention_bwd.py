@@ -17,6 +17,7 @@ import itertools
 
 import pytest
 import torch
+from memory_caps import host_allocation_cap
 from test_sparse_attention import (
     BAD_SHAPE,
     CPU,
@@ -34,7 +35,6 @@ from test_sparse_attention import (
     VARLEN_SEQLENS_Q,
     cu_seqlens,
     dtype_id,
-    host_allocation_cap,
     naive_attention,
     pattern_id,
     random_qkv,
